@@ -21,7 +21,7 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import ModelOutput, cached_file, logging
 
-from .configuration_scaledown import ScaleDownConfig
+from .configuration_scaledown import DEFAULT_SYSTEM_PROMPT, ScaleDownConfig
 
 logger = logging.get_logger(__name__)
 
@@ -115,6 +115,28 @@ def validate_rag_inputs(questions, documents) -> None:
                 raise TypeError(f"documents[{index}][{doc_index}] must be a string, got {type(doc).__name__}.")
 
 
+def prompt_with_documents_block(tokenizer, question: str, documents_block: str, system_prompt: str) -> str:
+    """The generator prompt as text: the chat template where the tokenizer has one, a plain layout otherwise."""
+    user = f"Background:\n{documents_block}\n\nQuestion: {question}"
+    if getattr(tokenizer, "chat_template", None):
+        system = {"role": "system", "content": system_prompt}
+        try:
+            return tokenizer.apply_chat_template(
+                [system, {"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+            )
+        except Exception:  # templates such as Mistral's reject a system turn: fold it into the user turn
+            merged = {"role": "user", "content": f"{system_prompt}\n\n{user}"}
+            return tokenizer.apply_chat_template([merged], tokenize=False, add_generation_prompt=True)
+    prefix = tokenizer.decode(_special_prefix_ids(tokenizer))
+    return f"{prefix}{system_prompt}\n\n{user}\nAnswer: "
+
+
+def text_prompt(tokenizer, question: str, documents: list[str], system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> str:
+    """The uncompressed prompt: what the teacher and the full-text baseline read. Zero documents = closed book."""
+    block = "".join(f"Document {i + 1}: {doc}\n" for i, doc in enumerate(documents))
+    return prompt_with_documents_block(tokenizer, question, block, system_prompt)
+
+
 class ScaleDownInputBuilder:
     """Turns (question, documents[, answer]) into compressor and generator token ids.
 
@@ -173,29 +195,15 @@ class ScaleDownInputBuilder:
         return {"compressor_input_ids": input_ids, "compressor_attention_mask": attention_mask}
 
     # ---- generator --------------------------------------------------------------------------------------------
-    def prompt_text(self, question: str, documents_block: str) -> str:
-        """The generator prompt as text, with the documents block inserted verbatim."""
-        user = f"Background:\n{documents_block}\n\nQuestion: {question}"
-        tokenizer = self.generator_tokenizer
-        if getattr(tokenizer, "chat_template", None):
-            system = {"role": "system", "content": self.config.system_prompt}
-            try:
-                return tokenizer.apply_chat_template(
-                    [system, {"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
-                )
-            except Exception:  # templates such as Mistral's reject a system turn: fold it into the user turn
-                merged = {"role": "user", "content": f"{self.config.system_prompt}\n\n{user}"}
-                return tokenizer.apply_chat_template([merged], tokenize=False, add_generation_prompt=True)
-        prefix = tokenizer.decode(_special_prefix_ids(tokenizer))
-        return f"{prefix}{self.config.system_prompt}\n\n{user}\nAnswer: "
-
     def text_prompt(self, question: str, documents: list[str]) -> str:
-        """The uncompressed prompt (teacher, full-text baseline): the same template with the documents as text."""
-        block = "".join(f"Document {i + 1}: {doc}\n" for i, doc in enumerate(documents))
-        return self.prompt_text(question, block)
+        """The uncompressed prompt (teacher, full-text baseline) for this builder's generator tokenizer."""
+        return text_prompt(self.generator_tokenizer, question, documents, self.config.system_prompt)
 
     def _prompt_ids(self, question: str, num_documents: int) -> list[int]:
-        before, after = self.prompt_text(question, _DOCUMENTS_MARKER).split(_DOCUMENTS_MARKER)
+        rendered = prompt_with_documents_block(
+            self.generator_tokenizer, question, _DOCUMENTS_MARKER, self.config.system_prompt
+        )
+        before, after = rendered.split(_DOCUMENTS_MARKER)
         tokenize = self.generator_tokenizer
         block = ([self.memory_placeholder_id] * self.config.num_memory_tokens + [self.separator_id]) * num_documents
         return (
@@ -708,4 +716,5 @@ __all__ = [
     "ScaleDownInputBuilder",
     "ScaleDownOutput",
     "CompressionOutput",
+    "text_prompt",
 ]
