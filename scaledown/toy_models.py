@@ -76,6 +76,9 @@ def causal_lm_config(architecture: str, vocab_size: int, hidden_size: int = 64, 
         num_key_value_heads=max(1, num_heads // 2),
         max_position_embeddings=1024,
         tie_word_embeddings=False,
+        # A frozen random LM head at the usual 0.02 scale caps logits near +-1 and the loss near log(vocab), so a
+        # LoRA-only student could not fit anything; a wider init leaves room, as a pretrained head would.
+        initializer_range=0.1,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,

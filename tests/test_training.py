@@ -1,0 +1,224 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from scaledown import ScaleDownForCausalLM
+from scaledown.train import main, parse_arguments, train
+from scaledown.trainer import ScaleDownTrainer, load_examples
+
+FACTS = [
+    ("Who founded Velmora?", "Velmora was founded by Arto Quell.", "Arto Quell"),
+    ("Where does Tibbin live?", "Tibbin lives in Corsa.", "Corsa"),
+    ("What colour is the Zell flag?", "The Zell flag is green.", "green"),
+    ("Who painted Ombra?", "Ombra was painted by Lise Varn.", "Lise Varn"),
+]
+
+
+def write_examples(path, n=32, rerank=True):
+    with open(path, "w") as handle:
+        for i in range(n):
+            question, doc, answer = FACTS[i % len(FACTS)]
+            row = {"question": question, "documents": [doc, "The fox jumps."], "answer": answer}
+            if rerank:
+                row["rerank_scores"] = [3.0, -1.0]
+            handle.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def base_argv(generator_dir, data, output_dir, *extra):
+    return [
+        "--generator_name_or_path", generator_dir, "--num_layers", "2", "--num_memory_tokens", "4",
+        "--train_data", data, "--output_dir", str(output_dir), "--device", "cpu",
+        "--per_device_train_batch_size", "4", "--effective_batch_size", "0", "--gradient_checkpointing", "false",
+        "--logging_steps", "1", "--report_to", "none", "--disable_tqdm", "true", "--seed", "0", *extra,
+    ]  # fmt: skip
+
+
+def test_loss_falls_over_30_steps(generator_dirs, tmp_path):
+    data = write_examples(tmp_path / "train.jsonl")
+    args, training_args = parse_arguments(
+        base_argv(generator_dirs["llama"], data, tmp_path / "run", "--max_steps", "30", "--learning_rate", "1e-2",
+                  "--compressor_learning_rate", "3e-3", "--enable_reranking", "--save_strategy", "no")
+    )  # fmt: skip
+    trainer = train(args, training_args)
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    first, last = logs[0]["loss"], sum(e["loss"] for e in logs[-5:]) / 5
+    assert last < 0.5 * first, (first, last)
+    assert "generation_loss" in logs[0] and "rerank_loss" in logs[0]
+    assert logs[-1]["rerank_loss"] < logs[0]["rerank_loss"]
+    assert os.path.isfile(tmp_path / "run" / "loss_curve.png")
+    loaded = ScaleDownForCausalLM.from_pretrained(tmp_path / "run")
+    assert loaded.config.enable_reranking
+
+
+def test_two_learning_rates(generator_dirs, modernbert_dir, tmp_path):
+    data = write_examples(tmp_path / "train.jsonl")
+    for extra, compressor_lr in (([], 5e-5), (["--compressor_type", "modernbert", "--compressor_name_or_path", modernbert_dir], 1e-4)):
+        args, training_args = parse_arguments(base_argv(generator_dirs["llama"], data, tmp_path / "o", *extra))
+        assert training_args.learning_rate == 1e-4 and training_args.weight_decay == 0.1
+        assert training_args.warmup_steps == 0.05 and training_args.max_grad_norm == 1.0
+        from scaledown.train import build_model
+
+        model = build_model(args)
+        trainer = ScaleDownTrainer(model=model, args=training_args, compressor_learning_rate=None)
+        groups = trainer.create_optimizer().param_groups
+        by_side = {g["name"]: g["lr"] for g in groups}
+        assert by_side["generator"] == 1e-4 and by_side["compressor"] == compressor_lr
+        lora = {id(p) for n, p in model.named_parameters() if "lora_" in n}
+        compressor = {id(p) for n, p in model.named_parameters() if n.startswith(("compressor.", "connector."))}
+        for group in groups:
+            ids = {id(p) for p in group["params"]}
+            assert not (ids & lora and ids & compressor)
+        assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_effective_batch_defaults_to_128(generator_dirs, tmp_path):
+    data = write_examples(tmp_path / "train.jsonl")
+    argv = base_argv(generator_dirs["llama"], data, tmp_path / "o")
+    argv[argv.index("--effective_batch_size") + 1] = "128"
+    from scaledown.trainer import gradient_accumulation_for
+
+    args, training_args = parse_arguments(argv)
+    assert gradient_accumulation_for(args.effective_batch_size, training_args.per_device_train_batch_size, 1) == 32
+    assert gradient_accumulation_for(128, 4, 2) == 16
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_killed_run_resumes_to_the_same_end(generator_dirs, tmp_path):
+    from transformers import TrainerCallback
+
+    data = write_examples(tmp_path / "train.jsonl", n=40)
+    common = ["--max_steps", "8", "--save_steps", "4", "--lora_dropout", "0.0", "--learning_rate", "1e-3"]
+    args, training_args = parse_arguments(base_argv(generator_dirs["llama"], data, tmp_path / "full", *common))
+    full = train(args, training_args).model
+
+    class CrashAfterCheckpoint(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 6:
+                raise _Crash()
+
+    import scaledown.train as train_module
+
+    original = train_module.LossCurveCallback
+    train_module.LossCurveCallback = CrashAfterCheckpoint
+    try:
+        args, training_args = parse_arguments(base_argv(generator_dirs["llama"], data, tmp_path / "killed", *common))
+        with pytest.raises(_Crash):
+            train(args, training_args)
+    finally:
+        train_module.LossCurveCallback = original
+    assert os.path.isdir(tmp_path / "killed" / "checkpoint-4")
+    checkpoint = ScaleDownForCausalLM.from_pretrained(tmp_path / "killed" / "checkpoint-4")
+    assert checkpoint.config.num_compressor_layers == 2
+
+    args, training_args = parse_arguments(
+        base_argv(generator_dirs["llama"], data, tmp_path / "killed", *common, "--resume_from_checkpoint", "last")
+    )
+    resumed = train(args, training_args).model
+    for (name, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_pretraining_stage_feeds_finetuning(generator_dirs, modernbert_dir, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(f"Passage {i}: " + " ".join(f"word{j}" for j in range(i, i + 40)) for i in range(12)))
+    encoder = ["--compressor_type", "modernbert", "--compressor_name_or_path", modernbert_dir, "--max_steps", "3"]
+    args, training_args = parse_arguments(
+        base_argv(generator_dirs["llama"], str(text), tmp_path / "pre", *encoder, "--stage", "pretrain")
+    )
+    train(args, training_args)
+    pretrained = ScaleDownForCausalLM.from_pretrained(tmp_path / "pre")
+    data = write_examples(tmp_path / "train.jsonl")
+    args, training_args = parse_arguments(
+        base_argv(generator_dirs["llama"], data, tmp_path / "fine", "--max_steps", "2", "--init_checkpoint", str(tmp_path / "pre"))
+    )
+    finetuned = train(args, training_args).model
+    assert finetuned.config.compressor_type == "modernbert"
+    start = dict(pretrained.connector.named_parameters())
+    assert any(not torch.equal(start[n], p.to(start[n].dtype)) for n, p in finetuned.connector.named_parameters())
+
+
+def test_two_process_accelerate_run(generator_dirs, tmp_path):
+    data = write_examples(tmp_path / "train.jsonl", n=16)
+    argv = base_argv(generator_dirs["llama"], data, tmp_path / "ddp", "--max_steps", "3", "--save_strategy", "no")
+    argv[argv.index("--device") + 1] = "auto"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "scaledown.train", *argv,
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    history = json.loads((tmp_path / "ddp" / "log_history.json").read_text())
+    assert history[-1]["step"] == 3
+    model = ScaleDownForCausalLM.from_pretrained(tmp_path / "ddp")
+    assert len(model.generate_from_documents(["Who founded Velmora?"], [["Velmora."]], max_new_tokens=3)) == 1
+
+
+# ---- bad input ------------------------------------------------------------------------------------------------
+
+
+def test_missing_data_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_examples(str(tmp_path / "nope.jsonl"))
+
+
+def test_example_without_answer_names_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"question": "q", "documents": ["d"], "answer": "a"}) + "\n"
+                    + json.dumps({"question": "q", "documents": ["d"]}) + "\n")  # fmt: skip
+    with pytest.raises(ValueError, match=r"line 2 of .*bad.jsonl has no 'answer'"):
+        load_examples(str(path))
+
+
+def test_rerank_scores_length_mismatch(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"question": "q", "documents": ["d", "e"], "answer": "a", "rerank_scores": [1.0]}))
+    with pytest.raises(ValueError, match="1 rerank_scores for 2 documents"):
+        load_examples(str(path))
+
+
+def test_reranking_without_scores(generator_dirs, tmp_path):
+    data = write_examples(tmp_path / "train.jsonl", rerank=False)
+    args, training_args = parse_arguments(base_argv(generator_dirs["llama"], data, tmp_path / "o", "--enable_reranking"))
+    with pytest.raises(ValueError, match="no 'rerank_scores' field"):
+        train(args, training_args)
+
+
+def test_parquet_and_datasets_folder(tmp_path):
+    import datasets
+
+    rows = [{"question": q, "documents": [d], "answer": a} for q, d, a in FACTS]
+    dataset = datasets.Dataset.from_list(rows)
+    dataset.to_parquet(str(tmp_path / "train.parquet"))
+    dataset.save_to_disk(str(tmp_path / "folder"))
+    assert len(load_examples(str(tmp_path / "train.parquet"))) == 4
+    assert load_examples(str(tmp_path / "folder"))[0]["answer"] == "Arto Quell"
+
+
+def test_trainium_without_optimum_neuron(generator_dirs, tmp_path):
+    try:
+        import optimum.neuron  # noqa: F401
+
+        pytest.skip("optimum-neuron is installed")
+    except ImportError:
+        pass
+    data = write_examples(tmp_path / "train.jsonl")
+    with pytest.raises(RuntimeError, match=r"pip install 'scaledown\[neuron\]'"):
+        main(base_argv(generator_dirs["llama"], data, tmp_path / "o", "--device", "trainium"))
+
+
+def test_yaml_config_with_cli_override(generator_dirs, tmp_path):
+    data = write_examples(tmp_path / "train.jsonl")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"learning_rate: 0.0005\nnum_layers: 3\ntrain_data: {data}\n")
+    args, training_args = parse_arguments(["--config", str(config), "--num_layers", "2", "--output_dir", str(tmp_path)])
+    assert training_args.learning_rate == 0.0005 and args.num_layers == 2 and args.train_data == data
