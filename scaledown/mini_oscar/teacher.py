@@ -1,0 +1,107 @@
+"""Step 1-2 of the miniature reproduction: a small decoder learns, from scratch, to answer from uncompressed
+documents in the generator's prompt format; it then serves as the generator's base and as the teacher.
+"""
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
+
+from ..configuration_scaledown import DEFAULT_SYSTEM_PROMPT
+from ..modeling_scaledown import text_prompt
+
+
+class FullTextCollator:
+    """Uncompressed prompt + answer + EOS, labels on the answer only, left padded (the layout generation uses)."""
+
+    def __init__(self, tokenizer, system_prompt: str = DEFAULT_SYSTEM_PROMPT):
+        self.tokenizer = tokenizer
+        self.system_prompt = system_prompt
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        rows, labels = [], []
+        for example in examples:
+            prompt = self.tokenizer(
+                text_prompt(self.tokenizer, example["question"], example["documents"], self.system_prompt),
+                add_special_tokens=False,
+            )["input_ids"]
+            answer = self.tokenizer(example["answer"], add_special_tokens=False)["input_ids"] + [
+                self.tokenizer.eos_token_id
+            ]
+            rows.append(prompt + answer)
+            labels.append([-100] * len(prompt) + answer)
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        return {
+            "input_ids": torch.tensor([[pad] * (width - len(r)) + r for r in rows]),
+            "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
+            "labels": torch.tensor([[-100] * (width - len(r)) + r for r in labels]),
+        }
+
+
+def pretrain_generator(
+    generator_dir: str,
+    examples: list[dict],
+    steps: int,
+    batch_size: int = 16,
+    learning_rate: float = 1e-3,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> list[float]:
+    """Fully train the (randomly initialised) decoder saved in `generator_dir` to answer from full text; save it back.
+
+    Returns the loss per step. Position ids follow the attention mask, as in generation with left padding.
+    """
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(generator_dir)
+    model = AutoModelForCausalLM.from_pretrained(generator_dir).to(device).train()
+    loader = DataLoader(
+        examples, batch_size=batch_size, shuffle=True, collate_fn=FullTextCollator(tokenizer), drop_last=True
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
+    schedule = get_linear_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
+    losses = []
+    progress = tqdm(total=steps, desc="teacher pretraining")
+    while len(losses) < steps:
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            loss = model(**batch, position_ids=position_ids).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            progress.update(1)
+            progress.set_postfix(loss=f"{losses[-1]:.3f}")
+            if len(losses) >= steps:
+                break
+    progress.close()
+    model.save_pretrained(generator_dir)
+    return losses
+
+
+@torch.no_grad()
+def teacher_answers(
+    generator_dir: str, examples: list[dict], batch_size: int = 64, max_new_tokens: int = 16, device="cpu"
+) -> list[str]:
+    """Greedy answers of the full-text teacher: the sequence-level distillation targets."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(generator_dir)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(generator_dir).to(device).eval()
+    answers = []
+    for start in tqdm(range(0, len(examples), batch_size), desc="teacher answers"):
+        chunk = examples[start : start + batch_size]
+        prompts = [text_prompt(tokenizer, e["question"], e["documents"]) for e in chunk]
+        batch = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+        output = model.generate(
+            **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+        new_tokens = output[:, batch["input_ids"].shape[1] :]
+        answers.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    return answers
