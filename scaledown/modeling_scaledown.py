@@ -540,6 +540,18 @@ class ScaleDownForCausalLM(ScaleDownPreTrainedModel):
             if not name.startswith("generator.") or "lora_" in name
         }
 
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload weights, remote code, both tokenizers and a model card in one commit.
+
+        The card and the single-commit upload live in the `scaledown` package; a copy of this file loaded from the
+        Hub without that package falls back to the plain transformers upload.
+        """
+        try:
+            from scaledown.hub_cards import push_model
+        except ImportError:
+            return super().push_to_hub(repo_id, **kwargs)
+        return push_model(self, repo_id, **kwargs)
+
     def save_pretrained(self, save_directory, *, merge_generator: bool = False, state_dict=None, **kwargs):
         """Save a ScaleDown checkpoint (safetensors only).
 

@@ -1,0 +1,242 @@
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from scaledown.evaluation import bench
+from scaledown.evaluation.flops import (
+    Hardware,
+    Phase,
+    TransformerShape,
+    compressor_phase,
+    detect_hardware,
+    generator_phases,
+    hardware_from_device_name,
+)
+
+# hidden 8, MLP 16, 2 layers, 2 heads of 4 dims, 1 KV head, vocabulary 10.
+TINY = dict(
+    hidden_size=8,
+    intermediate_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    vocab_size=10,
+)
+
+
+def _shape(shape: dict) -> TransformerShape:
+    fields = dict(shape)
+    return TransformerShape.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
+
+
+def test_shape_is_read_from_configs():
+    shape = _shape(dict(model_type="llama", **TINY))
+    assert (shape.num_layers, shape.num_heads, shape.num_kv_heads, shape.head_dim) == (2, 2, 1, 4)
+    assert shape.causal and shape.mlp_matrices == 3
+    encoder = _shape(bench.ENCODER_SHAPES["modernbert-base"])
+    assert not encoder.causal and encoder.mlp_matrices == 3 and encoder.head_dim == 64  # GeGLU: 3 h x i matrices
+    bert = _shape(
+        dict(
+            model_type="bert",
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=10,
+        )
+    )
+    assert not bert.causal and bert.mlp_matrices == 2
+
+
+def test_generator_flops_and_bytes_by_hand():
+    shape = _shape(dict(model_type="llama", **TINY))
+    # Per token and layer: q 2*8*8 + k 2*8*4 + v 2*8*4 + o 2*8*8 + MLP 2*3*8*16 = 128 + 64 + 64 + 128 + 768 = 1152.
+    per_token = 2 * 1152
+    # Attention: (2 for QK + 2 for AV) FLOPs x 2 heads x 4 dims = 32 per (query, key) pair and layer; 2 layers.
+    per_pair = 2 * 32
+    lm_head = 2 * 8 * 10
+    prefill, decode = generator_phases(shape, prompt_lengths=[3], new_tokens=2, bytes_per_value=2)
+    # Prefill of 3 tokens: causal pairs 1 + 2 + 3 = 6; logits at the last position only.
+    assert prefill.flops == 3 * per_token + 6 * per_pair + lm_head == 7456
+    # One decoding step (the first new token came from the prefill): 1 token attending to 4 positions.
+    assert decode.step_flops == [per_token + 4 * per_pair + lm_head] == [2720]
+    # Bytes: weights (2 layers x 576 + LM head 80) x 2 bytes = 2464; KV per token: 2 layers x (K, V) x 4 dims x 2 bytes.
+    weights, kv = (2 * 576 + 80) * 2, 2 * 2 * 4 * 2
+    assert prefill.bytes == weights + 3 * kv == 2560
+    assert decode.bytes == weights + (4 + 1) * kv == 2624  # read the 4-token cache, write one entry
+
+
+def test_compressor_flops_by_hand():
+    one_layer = _shape(dict(model_type="llama", **{**TINY, "num_hidden_layers": 1}))
+    n_layers = compressor_phase(one_layer, row_lengths=[3, 5], num_memory_tokens=2, generator_hidden_size=8)
+    # 8 tokens x 1152 FLOPs, plus causal pairs (6 + 15) x 32 FLOPs; no LM head in a compressor.
+    assert n_layers.flops == 1152 * 8 + 32 * 21 == 9888
+    assert n_layers.bytes == 576 * 2
+
+    encoder = TransformerShape(8, 16, 1, 2, 2, 4, 10, mlp_matrices=2, causal=False)
+    phase = compressor_phase(
+        encoder, [3], num_memory_tokens=2, generator_hidden_size=4, connector_hidden_size=6, rerank_head=True
+    )
+    # Layer weights: q, k, v, o 4 x 8 x 8 = 256, MLP 2 x 8 x 16 = 256 -> 512; bidirectional pairs 3 x 3 = 9;
+    # connector 8x6 + 6x4 = 72 weights on 2 memory vectors; rerank head 8 weights on one token.
+    assert phase.flops == 2 * 512 * 3 + 32 * 9 + 2 * 72 * 2 + 2 * 8 == 3664
+    assert phase.bytes == (512 + 72 + 8) * 2
+
+
+def test_roofline_takes_the_slower_bound_of_each_step():
+    phase = Phase("mixed")
+    phase.add_step(flops=100, bytes_moved=10)  # compute bound: 10 s
+    phase.add_step(flops=10, bytes_moved=100)  # memory bound: 10 s
+    assert phase.best_seconds(Hardware("toy", peak_flops=10, peak_bandwidth=10)) == 20
+
+
+def test_mistral_shape_reproduces_the_papers_flops():
+    """OSCAR Table 1 (batch 1, 128 + 10 x 128 tokens, 32 generated): 20.33 TF uncompressed, 3.49 compressed generation,
+    3.04 / 4.87 TF for the 5 / 8 layer compressors counted over 10 x (128 + 8) tokens."""
+    mistral = _shape(bench.GENERATOR_SHAPES["mistral-7b"])
+
+    def total(phases):
+        return sum(p.flops for p in phases) / 1e12
+
+    assert total(generator_phases(mistral, [1408], 32)) == pytest.approx(20.33, rel=0.03)
+    assert total(generator_phases(mistral, [208], 32)) == pytest.approx(3.49, rel=0.05)
+    for layers, paper in ((5, 3.04), (8, 4.87)):
+        compressor = TransformerShape(**{**mistral.__dict__, "num_layers": layers})
+        paper_rows, honest_rows = [136] * 10, [128 + 136] * 10
+        assert compressor_phase(compressor, paper_rows, 8, 4096).flops / 1e12 == pytest.approx(paper, rel=0.03)
+        assert (
+            compressor_phase(compressor, honest_rows, 8, 4096).flops
+            > 1.9 * compressor_phase(compressor, paper_rows, 8, 4096).flops
+        )
+
+
+def test_hardware_detection():
+    assert hardware_from_device_name("NVIDIA H100 80GB HBM3").name == "H100-SXM"
+    assert hardware_from_device_name("NVIDIA H100 PCIe").name == "H100-PCIe"
+    assert hardware_from_device_name("NVIDIA H200").peak_bandwidth == 4.8e12
+    assert hardware_from_device_name("NVIDIA H100 80GB HBM3").peak_flops == pytest.approx(989e12)
+    assert hardware_from_device_name("Some CPU") is None
+    assert detect_hardware("cpu") is None
+    custom = detect_hardware("cpu", peak_tflops=2.0, peak_bandwidth_tbs=0.5)
+    assert (custom.peak_flops, custom.peak_bandwidth) == (2e12, 0.5e12)
+    with pytest.raises(ValueError):
+        detect_hardware("cpu", peak_tflops=2.0)
+
+
+def test_synthetic_texts_have_exact_token_counts():
+    tokenizer = bench._word_level_tokenizer("decoder")
+    text = bench.synthetic_text(tokenizer, 37, random.Random(0))
+    assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) == 37
+    assert bench.compressor_layers("8l") == 8 and bench.compressor_layers("modernbert-base") is None
+    with pytest.raises(ValueError):
+        bench.compressor_layers("bert-large")
+
+
+def test_bench_command_on_tiny_shapes(tmp_path):
+    output_dir = tmp_path / "bench"
+    exit_code = bench.main(
+        [
+            "--shape",
+            "tiny",
+            "--compressor",
+            "2l,modernbert-base",
+            "--batch_sizes",
+            "1,max",
+            "--max_batch_size",
+            "2",
+            "--query_tokens",
+            "12",
+            "--document_tokens",
+            "16",
+            "--num_documents",
+            "2",
+            "--new_tokens",
+            "3",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--device",
+            "cpu",
+            "--peak_tflops",
+            "1",
+            "--peak_bandwidth_tbs",
+            "0.1",
+            "--output_dir",
+            str(output_dir),
+        ]
+    )
+    assert exit_code == 0
+    report = json.loads((output_dir / "bench_tiny_2l-modernbert-base.json").read_text())
+    png = (output_dir / "bench_tiny_2l-modernbert-base.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    results = report["results"]
+    assert [(r["compressor"] or r["side"], r["batch"], r["batch_size"]) for r in results] == [
+        ("uncompressed", "1", 1),
+        ("uncompressed", "max", 2),
+        ("2l", "1", 1),
+        ("2l", "max", 2),
+        ("modernbert-base", "1", 1),
+        ("modernbert-base", "max", 2),
+    ]
+    for record in results:
+        assert "error" not in record
+        assert record["ms_per_query"] > 0 and record["seconds_median"] > 0
+        assert record["tflops_per_query"]["honest"] > 0 and record["gb_moved_per_query"] > 0
+        assert record["roofline_ms_per_query"] > 0 and 0 < record["roofline_fraction"]
+    for record in results[2:]:
+        assert record["compression_ms_per_query"] > 0
+        tokens = record["compressor_tokens_per_document"]
+        assert tokens["paper"] == 16 + 8 and tokens["honest"] > tokens["paper"] + 12  # the query is in the honest count
+        assert record["tflops_per_query"]["honest"] > record["tflops_per_query"]["paper"]
+        speedup = record["speedup"]
+        assert speedup["measured"] > 0 and speedup["roofline"] > 0 and speedup["flops_paper"] > speedup["flops_honest"]
+    # The compressed prompt holds 8 memory vectors + 1 separator per document instead of the document text.
+    assert results[2]["generator_prompt_tokens"] < results[0]["generator_prompt_tokens"]
+    assert report["settings"]["protocol"] == {
+        "query_tokens": 12,
+        "document_tokens": 16,
+        "num_documents": 2,
+        "new_tokens": 3,
+        "memory_tokens": 8,
+    }
+
+
+def test_largest_batch_on_cpu_is_the_requested_maximum():
+    assert bench.largest_batch_that_fits(side=None, requests=None, max_batch_size=7, device=torch.device("cpu")) == 7
+
+
+def test_bench_command_on_a_checkpoint(make_model, tmp_path):
+    make_model("llama").save_pretrained(tmp_path / "checkpoint")
+    bench.main(
+        [
+            "--checkpoint",
+            str(tmp_path / "checkpoint"),
+            "--batch_sizes",
+            "1",
+            "--query_tokens",
+            "8",
+            "--document_tokens",
+            "8",
+            "--num_documents",
+            "2",
+            "--new_tokens",
+            "2",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--device",
+            "cpu",
+            "--output_dir",
+            str(tmp_path / "bench"),
+        ]
+    )
+    report = json.loads((tmp_path / "bench" / "bench_checkpoint_2l.json").read_text())
+    uncompressed, compressed = report["results"]
+    assert (uncompressed["side"], compressed["compressor"]) == ("uncompressed", "2l")
+    assert compressed["speedup"]["measured"] > 0 and compressed["roofline_ms_per_query"] is None  # no peaks on a CPU
+    assert report["settings"]["hardware"] is None
