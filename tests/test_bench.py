@@ -170,8 +170,8 @@ def test_bench_command_on_tiny_shapes(tmp_path):
         ]
     )
     assert exit_code == 0
-    report = json.loads((output_dir / "bench_tiny_2l-modernbert-base.json").read_text())
-    png = (output_dir / "bench_tiny_2l-modernbert-base.png").read_bytes()
+    report = json.loads((output_dir / "bench_tiny_2l-modernbert-base_generate.json").read_text())
+    png = (output_dir / "bench_tiny_2l-modernbert-base_generate.png").read_bytes()
     assert png.startswith(b"\x89PNG")
     results = report["results"]
     assert [(r["compressor"] or r["side"], r["batch"], r["batch_size"]) for r in results] == [
@@ -235,7 +235,7 @@ def test_bench_command_on_a_checkpoint(make_model, tmp_path):
             str(tmp_path / "bench"),
         ]
     )
-    report = json.loads((tmp_path / "bench" / "bench_checkpoint_2l.json").read_text())
+    report = json.loads((tmp_path / "bench" / "bench_checkpoint_2l_generate.json").read_text())
     uncompressed, compressed = report["results"]
     assert (uncompressed["side"], compressed["compressor"]) == ("uncompressed", "2l")
     assert compressed["speedup"]["measured"] > 0 and compressed["roofline_ms_per_query"] is None  # no peaks on a CPU

@@ -3,8 +3,9 @@
 Protocol: a 128-token query, 10 documents of 128 tokens, 32 generated tokens (forced with min_new_tokens, so both
 sides decode the same number of steps), greedy, batch sizes 1, 32 and the largest that fits (up to 256).
 
-Both sides run the same engine, transformers' `generate`: the uncompressed side is the generator (LoRA off) reading the
-document text; the compressed side is `ScaleDownForCausalLM.generate` (compression, then generation from vectors).
+Both sides run the same engine: the uncompressed side is the generator (LoRA off) reading the document text; the
+compressed side is ScaleDown (compression, then generation from vectors). `--engine generate` is transformers'
+`generate`; `--engine static` is `scaledown.fast_generation` (static KV cache, decode step replayed as a CUDA graph).
 Wall clock covers compression and generation, not tokenisation; warm-up runs are excluded; the median of the repeats
 is reported, per query (batch time / batch size), with peak GPU memory.
 
@@ -32,9 +33,11 @@ import transformers
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from ..configuration_scaledown import DEFAULT_SYSTEM_PROMPT, ScaleDownConfig
+from ..fast_generation import StaticGreedyGenerator, generate_compressed
 from ..modeling_scaledown import ScaleDownForCausalLM, text_prompt
 from ..toy_models import TOY_CHAT_TEMPLATE
 from .evaluate import (
+    adapters_disabled,
     format_table,
     generate_with_base_generator,
     resolve_device,
@@ -298,11 +301,19 @@ class UncompressedSide:
     name = "uncompressed"
 
     def __init__(
-        self, generator, tokenizer, system_prompt: str, pad_token_id: int, protocol: Protocol, dtype_bytes: int
+        self,
+        generator,
+        tokenizer,
+        system_prompt: str,
+        pad_token_id: int,
+        protocol: Protocol,
+        dtype_bytes: int,
+        engine: str = "generate",
     ):
         self.generator, self.tokenizer, self.system_prompt = generator, tokenizer, system_prompt
         self.pad_token_id, self.protocol, self.dtype_bytes = pad_token_id, protocol, dtype_bytes
         self.shape = TransformerShape.from_config(generator.config)
+        self.fast = StaticGreedyGenerator(generator) if engine == "static" else None
 
     def prepare(self, questions: list[str], documents: list[list[str]], device: torch.device) -> PreparedBatch:
         prompts = [text_prompt(self.tokenizer, q, docs, self.system_prompt) for q, docs in zip(questions, documents)]
@@ -313,6 +324,9 @@ class UncompressedSide:
 
     def run(self, batch: PreparedBatch) -> torch.Tensor:
         tokens = self.protocol.new_tokens
+        if self.fast is not None:
+            with adapters_disabled(self.generator):  # prefill and graph capture both run without LoRA
+                return self.fast.generate(**batch.inputs, max_new_tokens=tokens, pad_token_id=self.pad_token_id)
         return generate_with_base_generator(
             self.generator, batch.inputs, self.pad_token_id, min_new_tokens=tokens, max_new_tokens=tokens
         )
@@ -321,8 +335,11 @@ class UncompressedSide:
 class CompressedSide:
     """ScaleDown: compression of every (query, document) pair, then generation from the compressed vectors."""
 
-    def __init__(self, name: str, model: ScaleDownForCausalLM, protocol: Protocol, dtype_bytes: int):
+    def __init__(
+        self, name: str, model: ScaleDownForCausalLM, protocol: Protocol, dtype_bytes: int, engine: str = "generate"
+    ):
         self.name, self.model, self.protocol, self.dtype_bytes = name, model, protocol, dtype_bytes
+        self.fast = StaticGreedyGenerator(model.generator) if engine == "static" else None
         self.generator_shape = TransformerShape.from_config(model.generator.config)
         self.compressor_shape = TransformerShape.from_config(model.compressor.config)
 
@@ -357,6 +374,8 @@ class CompressedSide:
 
     def run(self, batch: PreparedBatch) -> torch.Tensor:
         tokens = self.protocol.new_tokens
+        if self.fast is not None:  # no EOS stop: both sides decode exactly `tokens` steps
+            return generate_compressed(self.model, batch.inputs, self.fast, tokens, stop_at_eos=False)
         return self.model.generate(**batch.inputs, min_new_tokens=tokens, max_new_tokens=tokens)
 
     @torch.no_grad()
@@ -664,6 +683,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto picks cuda when available")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     parser.add_argument("--attn_implementation", default="sdpa")
+    parser.add_argument(
+        "--engine",
+        default="generate",
+        choices=["generate", "static"],
+        help="generation engine of both sides: transformers' generate, or static cache + CUDA-graph decoding",
+    )
     parser.add_argument("--peak_tflops", type=float, default=None, help="override the detected dense bf16 peak")
     parser.add_argument("--peak_bandwidth_tbs", type=float, default=None, help="override the detected memory bandwidth")
     parser.add_argument("--seed", type=int, default=0)
@@ -707,7 +732,10 @@ def _settings(
         "device": _device_name(device),
         "dtype": str(dtype).removeprefix("torch."),
         "attn_implementation": args.attn_implementation,
-        "engine": "transformers generate (greedy, min_new_tokens = max_new_tokens)",
+        "engine": {
+            "generate": "transformers generate (greedy, min_new_tokens = max_new_tokens)",
+            "static": "scaledown.fast_generation (greedy, static KV cache, CUDA-graph decode, no EOS stop)",
+        }[args.engine],
         "hardware": asdict(hardware) if hardware is not None else None,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "notes": (
@@ -788,7 +816,7 @@ def run(args: argparse.Namespace) -> dict:
         "results": [],
     }
     os.makedirs(args.output_dir, exist_ok=True)
-    stem = f"bench_{'checkpoint' if args.checkpoint else args.shape}_{'-'.join(compressor_names)}"
+    stem = f"bench_{'checkpoint' if args.checkpoint else args.shape}_{'-'.join(compressor_names)}_{args.engine}"
     json_path, png_path = (os.path.join(args.output_dir, f"{stem}.{ext}") for ext in ("json", "png"))
     run_side = dict(
         requests=requests,
@@ -807,7 +835,7 @@ def run(args: argparse.Namespace) -> dict:
         model.compressor.to("cpu")
         _free_memory(device)
     uncompressed = bench_side(
-        UncompressedSide(generator, tokenizer, system_prompt, pad_id, protocol, dtype_bytes), **run_side
+        UncompressedSide(generator, tokenizer, system_prompt, pad_id, protocol, dtype_bytes, args.engine), **run_side
     )
     if model is not None:
         model.compressor.to(device)
@@ -822,7 +850,7 @@ def run(args: argparse.Namespace) -> dict:
             )
         else:
             scaledown = model
-        compressed = bench_side(CompressedSide(name, scaledown, protocol, dtype_bytes), **run_side)
+        compressed = bench_side(CompressedSide(name, scaledown, protocol, dtype_bytes, args.engine), **run_side)
         for label, record in compressed.items():
             if "error" not in record and "error" not in uncompressed[label]:
                 record["speedup"] = speedups(uncompressed[label], record)

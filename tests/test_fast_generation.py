@@ -1,0 +1,53 @@
+"""The static-cache engine must decode exactly what transformers' greedy `generate` decodes."""
+
+import pytest
+import torch
+
+from scaledown.evaluation.evaluate import tokenize_text_prompts
+from scaledown.fast_generation import StaticGreedyGenerator, generate_compressed
+from scaledown.modeling_scaledown import text_prompt
+
+from conftest import DOCUMENTS, QUESTIONS
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_compressed_answers_equal_generate(make_model, arch):
+    model = make_model(arch)
+    batch = model.input_builder(QUESTIONS, DOCUMENTS)
+    expected = model.generate(**batch, max_new_tokens=10)  # (batch, new), padded after EOS
+    engine = StaticGreedyGenerator(model.generator)
+    fast = generate_compressed(model, batch, engine, max_new_tokens=10)
+    assert torch.equal(fast[:, : expected.shape[1]], expected)
+    assert (fast[:, expected.shape[1] :] == model.input_builder.generator_pad_id).all()
+    again = generate_compressed(model, batch, engine, max_new_tokens=10)  # reuses the cached state of this shape
+    assert torch.equal(again, fast)
+
+
+def test_text_prompts_equal_generate_and_eager_attention(make_model):
+    model = make_model()
+    tokenizer = model.generator_tokenizer
+    prompts = [text_prompt(tokenizer, q, docs) for q, docs in zip(QUESTIONS, DOCUMENTS)]
+    batch = tokenize_text_prompts(tokenizer, prompts, model.device)  # left-padded to different lengths
+    assert (batch["attention_mask"] == 0).any()
+    new = 6
+    expected = model.generator.generate(
+        **batch, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )[:, batch["input_ids"].shape[1] :]
+    for implementation in ("sdpa", "eager"):
+        model.generator.config._attn_implementation = implementation
+        engine = StaticGreedyGenerator(model.generator)
+        fast = engine.generate(**batch, max_new_tokens=new, pad_token_id=tokenizer.pad_token_id)
+        assert fast.shape == (len(QUESTIONS), new)
+        # min_new_tokens forbids EOS; the engine without eos_token_id never stops: same steps, same argmax
+        # except where generate masked an EOS argmax.
+        keep = (fast != tokenizer.eos_token_id).cumprod(-1).bool()
+        assert torch.equal(fast[keep], expected[keep])
+
+
+def test_bad_calls_raise():
+    engine = StaticGreedyGenerator(torch.nn.Linear(2, 2))
+    mask = torch.ones(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        engine.generate(attention_mask=mask, max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.generate(attention_mask=mask, max_new_tokens=0, input_ids=torch.zeros(1, 3, dtype=torch.long))
