@@ -7,9 +7,8 @@ compressed vectors): the prompt is prefilled once, eagerly, into a `StaticCache`
 argmax, end-of-sequence bookkeeping, cache and mask updates) is one CUDA-graph replay on fixed buffers. Off CUDA
 the same step runs eagerly, which is what the tests compare against `generate`.
 
-Masks are given to the generator as 4D boolean tensors over cache slots, which every attention path of
-transformers 4.57 and 5 passes through unchanged. A left-padded prompt keeps its padding slots in the cache; they
-are masked for every real query, and each padding query sees only itself so that no row is fully masked.
+Decode-step masks are given to the generator as 4D boolean tensors over cache slots, which every attention path of
+transformers 4.57 and 5 passes through unchanged; a left-padded prompt keeps its padding slots in the cache, masked.
 """
 
 from dataclasses import dataclass
@@ -56,17 +55,6 @@ class StaticGreedyGenerator:
             )
         return allowed
 
-    def _prefill_mask(self, attention_mask: torch.Tensor, max_len: int, dtype: torch.dtype) -> torch.Tensor:
-        batch, prompt_len = attention_mask.shape
-        slots = torch.arange(max_len, device=attention_mask.device)
-        queries = torch.arange(prompt_len, device=attention_mask.device)
-        key_is_real = torch.zeros(batch, max_len, dtype=torch.bool, device=attention_mask.device)
-        key_is_real[:, :prompt_len] = attention_mask.bool()
-        causal = slots[None, :] <= queries[:, None]  # (prompt_len, max_len)
-        own_slot = slots[None, :] == queries[:, None]
-        allowed = (key_is_real[:, None, :] & causal[None]) | own_slot[None]  # (batch, prompt_len, max_len)
-        return self._as_attention_mask(allowed[:, None], dtype)  # (batch, 1, prompt_len, max_len)
-
     # ---- state ---------------------------------------------------------------------------------------------------
     def _new_state(
         self, batch: int, max_len: int, max_new_tokens: int, device: torch.device, keep_scores: bool
@@ -85,8 +73,8 @@ class StaticGreedyGenerator:
             scores=torch.zeros(batch, max_new_tokens, vocab, device=device) if keep_scores else None,
         )
 
-    def _state_for(self, batch, prompt_len, max_new_tokens, device, dtype, keep_scores) -> _DecodeState:
-        key = (batch, prompt_len, max_new_tokens, device, dtype, keep_scores)
+    def _state_for(self, batch, prompt_len, max_new_tokens, device, dtype, keep_scores, tokens) -> _DecodeState:
+        key = (batch, prompt_len, max_new_tokens, device, dtype, keep_scores, tokens)  # the graph bakes all of these in
         if key != self._key:
             self._state = None  # free the old cache and graph before allocating new ones
             if device.type == "cuda":
@@ -149,7 +137,9 @@ class StaticGreedyGenerator:
         batch, prompt_len = attention_mask.shape
         device = attention_mask.device
         dtype = self.generator.get_input_embeddings().weight.dtype
-        state = self._state_for(batch, prompt_len, max_new_tokens, device, dtype, return_scores)
+        state = self._state_for(
+            batch, prompt_len, max_new_tokens, device, dtype, return_scores, (eos_token_id, pad_token_id)
+        )
         state.cache.reset()
         state.key_mask.zero_()
         state.key_mask[:, :prompt_len] = attention_mask.bool()
@@ -158,25 +148,34 @@ class StaticGreedyGenerator:
         state.step.zero_()
 
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (batch, prompt_len)
-        logits = self.generator(
+        # The prompt goes through transformers' own path (a prompt without padding gets the causal flash kernel;
+        # prefilling the static cache directly would mask over all of its slots), then its keys and values are
+        # copied into the static cache, layer by layer.
+        prefill = self.generator(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
-            attention_mask=self._prefill_mask(attention_mask, prompt_len + max_new_tokens, dtype),
+            attention_mask=attention_mask,
             position_ids=positions,
-            cache_position=torch.arange(prompt_len, device=device),
-            past_key_values=state.cache,
             use_cache=True,
             logits_to_keep=1,
-        ).logits[:, -1]  # (batch, vocab)
-        self._emit(state, logits, eos_token_id, pad_token_id)
+        )
+        slots = {"cache_position": torch.arange(prompt_len, device=device)}
+        for index, layer in enumerate(prefill.past_key_values.layers):
+            state.cache.update(layer.keys, layer.values, index, slots)
+            layer.keys = layer.values = None  # release the prompt's copy as soon as it is in the static cache
+        self._emit(state, prefill.logits[:, -1], eos_token_id, pad_token_id)  # logits: (batch, 1, vocab)
+        del prefill
         state.positions.copy_(positions[:, -1:] + 1)
         state.cache_position.fill_(prompt_len)
 
         remaining = max_new_tokens - 1
         use_graph = self.use_cuda_graph if self.use_cuda_graph is not None else device.type == "cuda"
-        if use_graph and remaining >= 3:
-            # The first steps run eagerly (on a side stream, as capture requires, also warming up the kernels);
-            # the graph is captured once per shape and replayed for the rest.
+        if use_graph and state.graph is not None:
+            for _ in range(remaining):
+                state.graph.replay()
+        elif use_graph and remaining >= 3:
+            # First call of this shape: two steps run eagerly (on a side stream, as capture requires, which also
+            # warms up the kernels); the graph is captured once and replayed for the rest, and for later calls.
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
@@ -184,11 +183,10 @@ class StaticGreedyGenerator:
                     self._decode_step(state, eos_token_id, pad_token_id, dtype)
             torch.cuda.current_stream(device).wait_stream(side)
             remaining -= 2
-            if state.graph is None:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    self._decode_step(state, eos_token_id, pad_token_id, dtype)
-                state.graph = graph
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._decode_step(state, eos_token_id, pad_token_id, dtype)
+            state.graph = graph
             for _ in range(remaining):
                 state.graph.replay()
         else:

@@ -2,6 +2,8 @@
 documents in the generator's prompt format; it then serves as the generator's base and as the teacher.
 """
 
+import os
+
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -57,8 +59,16 @@ def pretrain_generator(
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(generator_dir)
     model = AutoModelForCausalLM.from_pretrained(generator_dir).to(device).train()
+    # Building prompts is Python work; on a GPU it would otherwise starve the device.
+    workers = min(8, os.cpu_count() or 1) if torch.device(device).type == "cuda" else 0
     loader = DataLoader(
-        examples, batch_size=batch_size, shuffle=True, collate_fn=FullTextCollator(tokenizer), drop_last=True
+        examples,
+        batch_size=batch_size,
+        shuffle=True,
+        collate_fn=FullTextCollator(tokenizer),
+        drop_last=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
     schedule = get_linear_schedule_with_warmup(optimizer, max(1, steps // 20), steps)

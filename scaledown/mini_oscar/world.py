@@ -351,6 +351,7 @@ def make_examples(
     questions_per_entity: int = 3,
     seed: int = 0,
     hard_distractor_fraction: float = 1.0,
+    fresh_facts: bool = False,
 ) -> list[dict]:
     """Questions about the people of one split, each with its gold passage hidden among distractors.
 
@@ -358,6 +359,10 @@ def make_examples(
     same facts again, in new phrasings and new passages). Distractors are passages about other people of the same
     split; a fraction `hard_distractor_fraction` of them state the asked attribute too (with a different value),
     so that the answer can only be found by matching the person's name. Examples come out shuffled.
+
+    fresh_facts: every example draws new values for the people it mentions, so a model cannot learn the facts of
+    the training people by heart and has to read them from the documents (closed-book stays at chance even on
+    the training questions). Small generators trained from scratch otherwise memorise instead of learning to read.
 
     Each example: question, documents, answer, answers, relevance (1 for the gold passage), rerank_scores
     (teacher-like targets), plus entity and attribute for analysis.
@@ -375,7 +380,7 @@ def make_examples(
     for entity in people:
         for attribute in _attributes_to_ask(world.attributes, questions_per_entity, rng):
             examples.append(_make_example(world, people, entity, attribute, num_documents,
-                                          hard_distractor_fraction, rng))
+                                          hard_distractor_fraction, rng, fresh_facts))
     rng.shuffle(examples)
     return examples
 
@@ -389,12 +394,27 @@ def _attributes_to_ask(attributes: Sequence[str], count: int, rng: random.Random
     return asked[:count]
 
 
-def _make_example(world, people, entity, attribute, num_documents, hard_distractor_fraction, rng) -> dict:
+def _with_fresh_facts(world, person: Entity, rng: random.Random, avoid: dict[str, str] | None = None) -> Entity:
+    """The same person with newly drawn values (never a value in `avoid`, attribute -> value)."""
+    avoid = avoid or {}
+    facts = {
+        attribute: rng.choice([value for value in world.value_pools[attribute] if value != avoid.get(attribute)])
+        for attribute in world.attributes
+    }
+    return Entity(name=person.name, facts=facts)
+
+
+def _make_example(world, people, entity, attribute, num_documents, hard_distractor_fraction, rng,
+                  fresh_facts=False) -> dict:
+    if fresh_facts:
+        entity = _with_fresh_facts(world, entity, rng)
     answer = entity.facts[attribute]
     gold = _passage_about(entity, rng, world.attributes, must_state=attribute)
     documents = [(gold, 1, GOLD_RERANK_SCORE)]
     for distractor_entity, is_hard in _pick_distractors(people, entity, attribute, num_documents - 1,
                                                         hard_distractor_fraction, rng):
+        if fresh_facts:
+            distractor_entity = _with_fresh_facts(world, distractor_entity, rng, avoid={attribute: answer})
         if is_hard:
             passage = _passage_about(distractor_entity, rng, world.attributes, must_state=attribute)
             score = rng.uniform(*HARD_DISTRACTOR_SCORE_RANGE)
