@@ -240,3 +240,19 @@ def test_bench_command_on_a_checkpoint(make_model, tmp_path):
     assert (uncompressed["side"], compressed["compressor"]) == ("uncompressed", "2l")
     assert compressed["speedup"]["measured"] > 0 and compressed["roofline_ms_per_query"] is None  # no peaks on a CPU
     assert report["settings"]["hardware"] is None
+
+
+def test_max_batch_steps_down_when_repeated_runs_run_out_of_memory(monkeypatch):
+    monkeypatch.setattr(bench, "largest_batch_that_fits", lambda *args: 128)  # one run fitted at 128
+
+    def measure(side, requests, batch_size, label, *rest):
+        if batch_size > 64:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {"ms_per_query": 1.0, "batch_size": batch_size}
+
+    monkeypatch.setattr(bench, "measure", measure)
+    common = dict(requests=None, max_batch_size=128, device=torch.device("cpu"), warmup=0, repeats=1, hardware=None)
+    side = type("FakeSide", (), {"name": "uncompressed"})()
+    records = bench.bench_side(side, batch_labels=["max", "96"], log=lambda message: None, **common)
+    assert records["max"]["batch_size"] == 64
+    assert records["96"]["error"] == "out of memory"  # a fixed batch size is reported, not changed

@@ -517,12 +517,23 @@ def bench_side(
             batch_size = largest_batch_that_fits(side, requests, max_batch_size, device)
         else:
             batch_size = int(label)
-        try:
-            records[label] = measure(side, requests, batch_size, label, device, warmup, repeats, hardware)
-            log(f"  {side.name:>15} batch {label:>3} (B={batch_size}): {records[label]['ms_per_query']:.2f} ms/query")
-        except RuntimeError as error:
-            if not is_out_of_memory(error):
-                raise
+        while True:
+            try:
+                records[label] = measure(side, requests, batch_size, label, device, warmup, repeats, hardware)
+                ms = records[label]["ms_per_query"]
+                log(f"  {side.name:>15} batch {label:>3} (B={batch_size}): {ms:.2f} ms/query")
+                break
+            except RuntimeError as error:
+                if not is_out_of_memory(error):
+                    raise
+                smaller = [c for c in BATCH_CANDIDATES if c < batch_size]
+                if label != "max" or not smaller:
+                    break
+                # One run fitted but the repeated runs did not (fragmentation): the largest is one step down.
+                log(f"  {side.name:>15} batch {label:>3} (B={batch_size}): out of memory when repeated, trying {smaller[0]}")
+                _free_memory(device)
+                batch_size = smaller[0]
+        if label not in records:
             compressed = isinstance(side, CompressedSide)
             records[label] = {
                 "side": "compressed" if compressed else "uncompressed",

@@ -1,0 +1,42 @@
+"""The method learns: a miniature OSCAR run on CPU, judged on people the training never saw.
+
+The answer to a held-out question is in its documents only (facts are drawn afresh for every question), so
+closed-book sits at chance. A compressor whose vectors never reached the generator (a broken splice) would score
+like closed-book; the assertion asks for a margin well above that.
+"""
+
+import json
+
+import pytest
+
+from scaledown.mini_oscar.reproduce import run
+
+
+@pytest.fixture(scope="module")
+def output_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("mini_oscar")
+
+
+@pytest.fixture(scope="module")
+def results(output_dir):
+    return run("cpu", str(output_dir), device="cpu")
+
+
+def test_teacher_reads_documents(results):
+    full_text = results["baselines"]["uncompressed"]["match"]
+    closed_book = results["baselines"]["closed_book"]["match"]
+    assert full_text >= 0.5, results
+    assert closed_book <= results["closed_book_chance"] + 0.1, results
+
+
+def test_compressed_answers_come_from_the_documents(results):
+    compressed = results["variants"]["n_layers-16x"]
+    closed_book = results["baselines"]["closed_book"]["match"]
+    assert compressed["compression"] == 16
+    assert compressed["match"] >= closed_book + 0.08, results
+
+
+def test_report_files(results, output_dir):
+    assert json.loads((output_dir / "results.json").read_text())["variants"].keys() == {"n_layers-16x"}
+    assert "| n_layers-16x | 16x |" in (output_dir / "results.md").read_text()
+    assert (output_dir / "mini_oscar.png").read_bytes()[:4] == b"\x89PNG"
