@@ -19,22 +19,17 @@ TOY_CHAT_TEMPLATE = (
 CAUSAL_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
 
-def build_tokenizer(texts: list[str], vocab_size: int = 600, kind: str = "decoder") -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer on `texts` (any string stays encodable).
+SPECIAL_TOKENS = {
+    "decoder": ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+    "encoder": ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"],
+}
 
-    kind="decoder": <s>/</s> and a chat template, like a chat LLM's. kind="encoder": [CLS] q [SEP] pairs, like BERT's.
+
+def wrap_tokenizer(tokenizer: Tokenizer, kind: str) -> PreTrainedTokenizerFast:
+    """A transformers tokenizer around a `tokenizers` one holding SPECIAL_TOKENS[kind].
+
+    kind="decoder": <s> first and a chat template, like a chat LLM's. kind="encoder": [CLS] q [SEP] pairs, like BERT's.
     """
-    if kind == "decoder":
-        specials = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-    else:
-        specials = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
     if kind == "decoder":
         tokenizer.post_processor = processors.TemplateProcessing(
             single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
@@ -59,6 +54,18 @@ def build_tokenizer(texts: list[str], vocab_size: int = 600, kind: str = "decode
         unk_token="[UNK]",
         mask_token="[MASK]",
     )
+
+
+def build_tokenizer(texts: list[str], vocab_size: int = 600, kind: str = "decoder") -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on `texts` (any string stays encodable); kind as in `wrap_tokenizer`."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS[kind], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return wrap_tokenizer(tokenizer, kind)
 
 
 def causal_lm_config(architecture: str, vocab_size: int, hidden_size: int = 64, num_layers: int = 4, num_heads: int = 4):

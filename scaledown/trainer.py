@@ -181,6 +181,16 @@ class ScaleDownTrainer(ScaleDownTrainingMixin, Trainer):
         super().__init__(*args, **kwargs)
         self.compressor_learning_rate = compressor_learning_rate
 
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        """Save as transformers does, but keep the training arguments as JSON: a model folder holds no pickle."""
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        pickled = os.path.join(output_dir, "training_args.bin")
+        if self.args.should_save and os.path.isfile(pickled):
+            os.remove(pickled)
+            with open(os.path.join(output_dir, "training_args.json"), "w", encoding="utf-8") as handle:
+                handle.write(self.args.to_json_string())
+
 
 def parameter_groups(model, generator_lr: float, compressor_lr: float, weight_decay: float, decay_names: set):
     """Generator side (LoRA, new token embeddings) at one rate; compressor side (compressor, connector, rerank head)

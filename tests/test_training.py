@@ -51,6 +51,8 @@ def test_loss_falls_over_30_steps(generator_dirs, tmp_path):
     assert "generation_loss" in logs[0] and "rerank_loss" in logs[0]
     assert logs[-1]["rerank_loss"] < logs[0]["rerank_loss"]
     assert os.path.isfile(tmp_path / "run" / "loss_curve.png")
+    assert os.path.isfile(tmp_path / "run" / "training_args.json")
+    assert not [name for name in os.listdir(tmp_path / "run") if name.endswith((".bin", ".pt", ".pth", ".pkl"))]
     loaded = ScaleDownForCausalLM.from_pretrained(tmp_path / "run")
     assert loaded.config.enable_reranking
 

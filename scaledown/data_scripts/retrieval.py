@@ -18,13 +18,15 @@ Full KILT-100w (about 24M passages of 100 words, the OSCAR corpus) with naver/sp
   is transposed: 6 GB). Searching memory-maps the shards: with 48 GB of free RAM they stay in the page cache,
   with less they are re-read from disk for each batch of questions. The passage texts add about 16 GB of Arrow
   files, memory-mapped too.
-- Encoding time, measured on one H100 (bf16, BERT-base shape with random weights, top 250 terms kept): about
-  2,000 passages/s at ~100 tokens, so about 1,600/s at 128 tokens: 24M passages take about 4 hours, one
-  resumable shard (10 minutes) at a time. On CPU it would take weeks.
-- Search time, measured on the same machine's CPUs (synthetic shards with Zipf-distributed terms, 25-term
-  questions): 0.005 core-seconds per question per 1M passages, so 0.12 core-seconds per question over 24M
-  passages; 900k questions take about 30 core-hours, 2 hours with ``--search_workers 16`` (it scales linearly
-  with worker processes). The reranker (900k x 50 pairs) and the teacher (900k answers) then dominate.
+- Encoding time (an estimate, not measured here): SPLADE-v3 is BERT-base plus its MLM head over 30,522 terms,
+  about 2 x 110M x 128 + 2 x 128 x 768 x 30,522 = 34 GFLOP per 128-token passage, so 24M passages are 0.8 EFLOP:
+  about 40 minutes of one H100 at 35% of its bf16 peak, a few hours with tokenisation and top-k kept on the host.
+  Each passage shard is its own resumable unit. On CPU it would take weeks.
+- Search time (an estimate): a query activates about 25 terms whose posting lists hold, under a Zipf term
+  distribution, a few percent of a shard's non-zeros; scoring is a sparse product over those lists, so about
+  0.1-1 core-second per question over 24M passages, and 900k questions take tens to a few hundred core-hours,
+  which ``--search_workers`` spreads over processes. The reranker (900k x 50 pairs) and the teacher (900k answers)
+  then dominate.
 """
 
 import functools

@@ -35,7 +35,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrained
 from ..configuration_scaledown import DEFAULT_SYSTEM_PROMPT, ScaleDownConfig
 from ..fast_generation import StaticGreedyGenerator, generate_compressed
 from ..modeling_scaledown import ScaleDownForCausalLM, text_prompt
-from ..toy_models import TOY_CHAT_TEMPLATE
+from ..toy_models import SPECIAL_TOKENS, wrap_tokenizer
 from .evaluate import (
     adapters_disabled,
     format_table,
@@ -144,39 +144,16 @@ class Protocol:
 # ---- tokenizers and models of real shapes ----------------------------------------------------------------------
 def _word_level_tokenizer(kind: str) -> PreTrainedTokenizerFast:
     """A tokenizer where each word is one token, so synthetic texts have exactly the protocol's token counts."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer, models, pre_tokenizers
 
-    if kind == "decoder":
-        specials = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-    else:
-        specials = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
+    specials = SPECIAL_TOKENS[kind]
     prompt_words = DEFAULT_SYSTEM_PROMPT.replace(".", " ").replace(",", " ").split()
     words = list(dict.fromkeys(TEXT_WORDS + prompt_words + ["Background", "Question", "Document", "Query", "Answer"]))
     vocabulary = specials + words + list("0123456789:.,?")
     tokenizer = Tokenizer(models.WordLevel({token: i for i, token in enumerate(vocabulary)}, unk_token=specials[3]))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.add_special_tokens(specials)
-    if kind == "decoder":
-        tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-        return PreTrainedTokenizerFast(
-            tokenizer_object=tokenizer,
-            bos_token="<s>",
-            eos_token="</s>",
-            pad_token="<pad>",
-            unk_token="<unk>",
-            chat_template=TOY_CHAT_TEMPLATE,
-        )
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 1), ("[SEP]", 2)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        mask_token="[MASK]",
-    )
+    return wrap_tokenizer(tokenizer, kind)
 
 
 def _special_token_ids(tokenizer) -> dict:
