@@ -198,6 +198,58 @@ class StaticGreedyGenerator:
 
 
 @torch.no_grad()
+def compress_sharing_queries(
+    model, compressor_input_ids: torch.LongTensor, compressor_attention_mask: torch.LongTensor,
+    compressor_query_lengths: torch.LongTensor,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`model.compress_tensors` for an N-layers compressor, with each question's prefix computed once.
+
+    Under causal attention the prefix every row of a question starts with (special tokens, query marker, query)
+    never sees the document, so its keys and values are the same in each of the question's rows: they are computed
+    once per question and reused by its documents, which then only run their own tokens. Exact up to float
+    reordering. Rows are question by question (consecutive rows with an identical prefix share it).
+    Inputs as built by `input_builder.compressor_inputs(..., return_query_lengths=True)`; returns what
+    `compress_tensors` returns.
+    """
+    if model.config.compressor_type != "n_layers":
+        raise ValueError("Sharing the query prefix is exact only for causal (n_layers) compressors.")
+    ids, lengths, query_lengths = compressor_input_ids, compressor_attention_mask.sum(-1), compressor_query_lengths
+    if ids.shape[0] == 0:
+        return model.compress_tensors(compressor_input_ids, compressor_attention_mask)
+    device = ids.device
+    width = int(query_lengths.max())
+    in_prefix = torch.arange(width, device=device)[None, :] < query_lengths[:, None]  # (rows, width)
+    prefixes = ids[:, :width].masked_fill(~in_prefix, -1)
+    starts_group = torch.ones(ids.shape[0], dtype=torch.bool, device=device)
+    starts_group[1:] = (prefixes[1:] != prefixes[:-1]).any(-1)
+    group = starts_group.long().cumsum(0) - 1  # (rows,) index of the row's question
+    firsts = starts_group.nonzero().squeeze(-1)  # (questions,)
+
+    cache = model.compressor(
+        input_ids=ids[firsts, :width], attention_mask=in_prefix[firsts].long(), use_cache=True
+    ).past_key_values  # keys/values: (questions, kv_heads, width, head_dim) per layer
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys.index_select(0, group), layer.values.index_select(0, group)
+
+    suffix_lengths = lengths - query_lengths  # (rows,) document marker, document, memory tokens, RR
+    span = int(suffix_lengths.max())
+    offsets = torch.arange(span, device=device)[None, :]
+    in_suffix = offsets < suffix_lengths[:, None]  # (rows, span)
+    positions = query_lengths[:, None] + offsets  # (rows, span)
+    suffix_ids = ids.gather(1, positions.clamp(max=ids.shape[1] - 1)).masked_fill(
+        ~in_suffix, model.input_builder.compressor_pad_id
+    )
+    hidden = model.compressor(
+        input_ids=suffix_ids,
+        attention_mask=torch.cat([in_prefix, in_suffix], -1).long(),  # (rows, width + span); gaps are masked
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state  # (rows, span, compressor_hidden)
+    return model.read_compressed(hidden, suffix_lengths)
+
+
+@torch.no_grad()
 def generate_compressed(
     model,
     batch: dict[str, torch.Tensor],
@@ -206,8 +258,16 @@ def generate_compressed(
     stop_at_eos: bool = True,
     return_scores: bool = False,
 ):
-    """ScaleDown's `generate` through the engine: compress, splice the vectors in, decode. `(batch, new)` ids."""
-    compressed, _ = model.compress_tensors(batch["compressor_input_ids"], batch["compressor_attention_mask"])
+    """ScaleDown's `generate` through the engine: compress, splice the vectors in, decode. `(batch, new)` ids.
+
+    A batch holding `compressor_query_lengths` (N-layers compressors) computes each question's prefix once.
+    """
+    if "compressor_query_lengths" in batch:
+        compressed, _ = compress_sharing_queries(
+            model, batch["compressor_input_ids"], batch["compressor_attention_mask"], batch["compressor_query_lengths"]
+        )
+    else:
+        compressed, _ = model.compress_tensors(batch["compressor_input_ids"], batch["compressor_attention_mask"])
     inputs_embeds = model.embed_generator_inputs(batch["input_ids"], compressed)  # (batch, seq, hidden)
     return engine.generate(
         attention_mask=batch["attention_mask"],

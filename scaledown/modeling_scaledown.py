@@ -167,13 +167,20 @@ class ScaleDownInputBuilder:
         self._warned_truncation = False
 
     # ---- compressor -------------------------------------------------------------------------------------------
-    def compressor_inputs(self, questions: list[str], documents: list[list[str]]) -> dict[str, torch.Tensor]:
+    def compressor_inputs(
+        self, questions: list[str], documents: list[list[str]], return_query_lengths: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Right-padded compressor rows `(n_documents, compressor_len)`, one per document, question by question.
+
+        return_query_lengths adds `compressor_query_lengths` `(n_documents,)`: how many leading tokens of each row
+        (special prefix, query marker, query) all rows of its question share.
+        """
         pairs = [(q, d) for q, docs in zip(questions, documents) for d in docs]
         tokenize = self.compressor_tokenizer
         query_ids = tokenize([q for q, _ in pairs], add_special_tokens=False)["input_ids"] if pairs else []
         doc_ids = tokenize([d for _, d in pairs], add_special_tokens=False)["input_ids"] if pairs else []
         suffix = list(self.compressor_memory_ids) + ([self.rerank_token_id] if self.config.enable_reranking else [])
-        rows = []
+        rows, query_lengths = [], []
         for q, d in zip(query_ids, doc_ids):
             if len(d) > self.config.max_document_length and not self._warned_truncation:
                 warnings.warn(
@@ -190,9 +197,15 @@ class ScaleDownInputBuilder:
                 + d[: self.config.max_document_length]
                 + suffix
             )
+            query_lengths.append(
+                len(self.compressor_prefix_ids) + len(self.query_marker_ids) + len(q[: self.config.max_query_length])
+            )
         input_ids = _pad(rows, self.compressor_pad_id, side="right")
         attention_mask = _pad([[1] * len(r) for r in rows], 0, side="right")
-        return {"compressor_input_ids": input_ids, "compressor_attention_mask": attention_mask}
+        batch = {"compressor_input_ids": input_ids, "compressor_attention_mask": attention_mask}
+        if return_query_lengths:
+            batch["compressor_query_lengths"] = torch.tensor(query_lengths, dtype=torch.long)
+        return batch
 
     # ---- generator --------------------------------------------------------------------------------------------
     def text_prompt(self, question: str, documents: list[str]) -> str:
@@ -396,7 +409,17 @@ class ScaleDownForCausalLM(ScaleDownPreTrainedModel):
         hidden = self.compressor(
             input_ids=compressor_input_ids, attention_mask=compressor_attention_mask
         ).last_hidden_state  # (n_documents, compressor_len, compressor_hidden)
-        lengths = compressor_attention_mask.sum(-1)  # (n_documents,)
+        return self.read_compressed(hidden, compressor_attention_mask.sum(-1))
+
+    def read_compressed(
+        self, hidden: torch.Tensor, lengths: torch.LongTensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Memory vectors and rerank scores from the compressor's last hidden states of right-padded rows.
+
+        hidden: `(n_documents, len, compressor_hidden)`; lengths: `(n_documents,)` real tokens per row, which end
+        with the memory tokens (then RR). Returns `(n_documents, l, generator_hidden)` and `(n_documents,)` or None.
+        """
+        n_documents, num_memory = hidden.shape[0], self.config.num_memory_tokens
         has_rr = self.rerank_head is not None
         first_memory = lengths - num_memory - int(has_rr)  # memory tokens close every row, the RR token after them
         positions = first_memory[:, None] + torch.arange(num_memory, device=hidden.device)  # (n_documents, l)

@@ -256,3 +256,15 @@ def test_max_batch_steps_down_when_repeated_runs_run_out_of_memory(monkeypatch):
     records = bench.bench_side(side, batch_labels=["max", "96"], log=lambda message: None, **common)
     assert records["max"]["batch_size"] == 64
     assert records["96"]["error"] == "out of memory"  # a fixed batch size is reported, not changed
+
+
+def test_static_engine_bench_on_tiny_shapes(tmp_path):
+    argv = ["--shape", "tiny", "--compressor", "2l,modernbert-base", "--batch_sizes", "2", "--engine", "static",
+            "--query_tokens", "12", "--document_tokens", "16", "--num_documents", "2", "--new_tokens", "3",
+            "--repeats", "1", "--warmup", "0", "--device", "cpu", "--output_dir", str(tmp_path)]  # fmt: skip
+    assert bench.main(argv) == 0
+    report = json.loads((tmp_path / "bench_tiny_2l-modernbert-base_static.json").read_text())
+    assert "static KV cache" in report["settings"]["engine"]
+    compressed = [r for r in report["results"] if r["side"] == "compressed"]
+    assert {r["compressor"] for r in compressed} == {"2l", "modernbert-base"}
+    assert all(r["speedup"]["measured"] > 0 and r["compression_ms_per_query"] > 0 for r in compressed)

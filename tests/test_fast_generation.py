@@ -51,3 +51,34 @@ def test_bad_calls_raise():
         engine.generate(attention_mask=mask, max_new_tokens=2)
     with pytest.raises(ValueError, match="max_new_tokens"):
         engine.generate(attention_mask=mask, max_new_tokens=0, input_ids=torch.zeros(1, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_shared_query_prefix_compresses_exactly(make_model, arch):
+    from scaledown.fast_generation import compress_sharing_queries
+
+    model = make_model(arch, enable_reranking=True)
+    questions = ["Who wrote Hamlet and when?", "Where?", "Where?", "What is the capital of France?"]
+    documents = [DOCUMENTS[0], ["Paris is on the Seine."], [], ["The fox jumps.", "Marie Curie was born in Warsaw."]]
+    batch = model.input_builder.compressor_inputs(questions, documents, return_query_lengths=True)
+    expected, expected_scores = model.compress_tensors(
+        batch["compressor_input_ids"], batch["compressor_attention_mask"]
+    )
+    shared, scores = compress_sharing_queries(model, **batch)
+    assert shared.shape == expected.shape == (6, model.config.num_memory_tokens, model.new_token_embeddings.embedding_dim)
+    torch.testing.assert_close(shared, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(scores, expected_scores, atol=1e-5, rtol=1e-4)
+
+    plain = model.input_builder(questions, documents)
+    expected_tokens = model.generate(**plain, max_new_tokens=6)
+    fast = generate_compressed(model, {**plain, **batch}, StaticGreedyGenerator(model.generator), max_new_tokens=6)
+    assert torch.equal(fast[:, : expected_tokens.shape[1]], expected_tokens)
+
+
+def test_shared_query_prefix_needs_a_causal_compressor(make_model, modernbert_dir):
+    from scaledown.fast_generation import compress_sharing_queries
+
+    model = make_model(compressor_type="modernbert", compressor_name_or_path=modernbert_dir)
+    batch = model.input_builder.compressor_inputs(QUESTIONS, DOCUMENTS, return_query_lengths=True)
+    with pytest.raises(ValueError, match="causal"):
+        compress_sharing_queries(model, **batch)
