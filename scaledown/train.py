@@ -274,6 +274,10 @@ def run_tiny_preset(args: ScaleDownArguments, training_args: TrainingArguments) 
         print(f"  Q: {row['question']}\n     gold: {row['answer']!r}   ScaleDown: {prediction!r}")
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     print(f"\nloss {losses[0]:.3f} -> {losses[-1]:.3f}; checkpoint and loss_curve.png in {training_args.output_dir}")
+    print(
+        "The demo's generator is a randomly initialised toy, so these answers only show the mechanics (a falling "
+        "loss, a loadable checkpoint). For a run that learns to answer, see `scaledown reproduce` in the README."
+    )
     return {"first_loss": losses[0], "last_loss": losses[-1], "predictions": predictions}
 
 

@@ -33,7 +33,7 @@ def test_compressed_answers_come_from_the_documents(results):
     compressed = results["variants"]["n_layers-16x"]
     closed_book = results["baselines"]["closed_book"]["match"]
     assert compressed["compression"] == 16
-    assert compressed["match"] >= closed_book + 0.08, results
+    assert compressed["match"] >= closed_book + 0.1, results
 
 
 def test_report_files(results, output_dir):

@@ -44,7 +44,7 @@ SCALES = {
         questions=dict(train=8, test=2, num_documents=2, hard_distractor_fraction=0.0, fresh_facts=True),
         generator=dict(hidden_size=96, num_layers=3, num_heads=4), vocab_size=500,
         teacher=dict(steps=800, batch_size=16, learning_rate=3e-3),
-        scaledown=dict(max_steps=300, batch_size=16, learning_rate=3e-3, compressor_learning_rate=1e-3),
+        scaledown=dict(max_steps=300, batch_size=32, learning_rate=3e-3, compressor_learning_rate=1e-3),
         variants=[dict(name="n_layers-16x", compressor="n_layers", num_layers=2, memory_tokens=4)],
     ),
     # The GPU run: half of the distractors state the asked attribute of another person, 3 documents, all variants
