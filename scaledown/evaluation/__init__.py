@@ -9,15 +9,7 @@
 The submodules are not imported here, so that `scaledown.evaluation.evaluate` stays the module (not the function).
 """
 
+from . import metrics
 from .metrics import JudgeFn, aggregate, exact_match, match, ndcg_at_k, normalize_answer, score_answers, token_f1
 
-__all__ = [
-    "JudgeFn",
-    "aggregate",
-    "exact_match",
-    "match",
-    "ndcg_at_k",
-    "normalize_answer",
-    "score_answers",
-    "token_f1",
-]
+__all__ = list(metrics.__all__)
