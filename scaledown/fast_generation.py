@@ -11,10 +11,49 @@ Decode-step masks are given to the generator as 4D boolean tensors over cache sl
 transformers 4.57 and 5 passes through unchanged; a left-padded prompt keeps its padding slots in the cache, masked.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
-from transformers import StaticCache
+import torch.nn.functional as F
+from transformers import AttentionInterface, StaticCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+GROUPED_DECODE_ATTENTION = "scaledown_grouped_decode_sdpa"
+
+
+def grouped_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """SDPA for one-token decoding under a mask without copying keys and values for every query head.
+
+    With a mask, transformers' SDPA path repeats grouped key/value heads to the query heads' count (SDPA's own GQA
+    would fall back to its math kernel on CUDA): a copy of the whole cache, per layer and step. For one query token
+    the heads of a group can instead be laid out as the group's query positions: same scores, no copy.
+    query: `(batch, heads, 1, head_dim)`; key, value: `(batch, kv_heads, slots, head_dim)`; attention_mask a
+    `(batch, 1, 1, slots)` boolean. Returns `(batch, 1, heads, head_dim)` as transformers' attention functions do.
+    """
+    batch, heads, query_len, head_dim = query.shape
+    kv_heads = key.shape[1]
+    if query_len != 1 or kv_heads == heads or attention_mask is None or attention_mask.dtype != torch.bool:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)  # head h belongs to group h // (heads/kv)
+    output = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
+    return output.reshape(batch, 1, heads, head_dim), None
+
+
+AttentionInterface.register(GROUPED_DECODE_ATTENTION, grouped_decode_attention)
+
+
+@contextlib.contextmanager
+def _decode_attention(generator):
+    """Route the generator's SDPA attention through `grouped_decode_attention` (other implementations untouched)."""
+    config = generator.config
+    previous = config._attn_implementation
+    if previous == "sdpa":
+        config._attn_implementation = GROUPED_DECODE_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
 
 
 @dataclass
@@ -87,14 +126,15 @@ class StaticGreedyGenerator:
     def _decode_step(self, state: _DecodeState, eos_token_id: int | None, pad_token_id: int, dtype) -> None:
         state.key_mask.index_fill_(1, state.cache_position, True)
         allowed = state.key_mask[:, None, None, :]  # (batch, 1, 1, max_len)
-        logits = self.generator(
-            input_ids=state.tokens,
-            attention_mask=self._as_attention_mask(allowed, dtype),
-            position_ids=state.positions,
-            cache_position=state.cache_position,
-            past_key_values=state.cache,
-            use_cache=True,
-        ).logits[:, -1]  # (batch, vocab)
+        with _decode_attention(self.generator):
+            logits = self.generator(
+                input_ids=state.tokens,
+                attention_mask=self._as_attention_mask(allowed, dtype),
+                position_ids=state.positions,
+                cache_position=state.cache_position,
+                past_key_values=state.cache,
+                use_cache=True,
+            ).logits[:, -1]  # (batch, vocab)
         self._emit(state, logits, eos_token_id, pad_token_id)
         state.positions.add_(1)
         state.cache_position.add_(1)

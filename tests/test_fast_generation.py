@@ -82,3 +82,21 @@ def test_shared_query_prefix_needs_a_causal_compressor(make_model, modernbert_di
     batch = model.input_builder.compressor_inputs(QUESTIONS, DOCUMENTS, return_query_lengths=True)
     with pytest.raises(ValueError, match="causal"):
         compress_sharing_queries(model, **batch)
+
+
+def test_grouped_decode_attention_equals_repeated_heads():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from scaledown.fast_generation import grouped_decode_attention
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 4, True
+    query = torch.randn(3, 8, 1, 16)  # 8 query heads over 2 key/value heads
+    key, value = torch.randn(3, 2, 10, 16), torch.randn(3, 2, 10, 16)
+    mask = torch.rand(3, 1, 1, 10) > 0.3
+    mask[..., 0] = True  # no row fully masked
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    grouped, _ = grouped_decode_attention(module, query, key, value, mask, scaling=0.25)
+    assert grouped.shape == expected.shape == (3, 1, 8, 16)
+    torch.testing.assert_close(grouped, expected, atol=1e-5, rtol=1e-5)
