@@ -40,7 +40,8 @@ def main() -> None:
     parser = bench.build_parser()
     parser.add_argument("--batch_size", type=int, default=4)
     args = parser.parse_args()
-    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype, resolve_device(args.device))
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     _, generator, tokenizer, system_prompt, _, names, protocol = bench._load_models(args, device, dtype, print)
     questions, documents = bench.synthetic_requests(tokenizer, protocol, args.batch_size, seed=args.seed)
     steps, pad = protocol.new_tokens, tokenizer.pad_token_id

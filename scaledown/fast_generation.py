@@ -289,6 +289,15 @@ def compress_sharing_queries(
     return model.read_compressed(hidden, suffix_lengths)
 
 
+def compress_batch(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Compress a model-input batch; one holding `compressor_query_lengths` computes each question's prefix once."""
+    if "compressor_query_lengths" in batch:
+        return compress_sharing_queries(
+            model, batch["compressor_input_ids"], batch["compressor_attention_mask"], batch["compressor_query_lengths"]
+        )
+    return model.compress_tensors(batch["compressor_input_ids"], batch["compressor_attention_mask"])
+
+
 @torch.no_grad()
 def generate_compressed(
     model,
@@ -298,16 +307,9 @@ def generate_compressed(
     stop_at_eos: bool = True,
     return_scores: bool = False,
 ):
-    """ScaleDown's `generate` through the engine: compress, splice the vectors in, decode. `(batch, new)` ids.
-
-    A batch holding `compressor_query_lengths` (N-layers compressors) computes each question's prefix once.
-    """
-    if "compressor_query_lengths" in batch:
-        compressed, _ = compress_sharing_queries(
-            model, batch["compressor_input_ids"], batch["compressor_attention_mask"], batch["compressor_query_lengths"]
-        )
-    else:
-        compressed, _ = model.compress_tensors(batch["compressor_input_ids"], batch["compressor_attention_mask"])
+    """ScaleDown's `generate` through the engine: compress (`compress_batch`), splice the vectors in, decode.
+    `(batch, new)` ids."""
+    compressed, _ = compress_batch(model, batch)
     inputs_embeds = model.embed_generator_inputs(batch["input_ids"], compressed)  # (batch, seq, hidden)
     return engine.generate(
         attention_mask=batch["attention_mask"],

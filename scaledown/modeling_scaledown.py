@@ -255,9 +255,13 @@ class ScaleDownInputBuilder:
         documents: list[list[str]],
         answers: list[str] | None = None,
         rerank_scores: list[list[float]] | None = None,
+        return_query_lengths: bool = False,
     ) -> dict[str, torch.Tensor]:
         validate_rag_inputs(questions, documents)
-        batch = {**self.compressor_inputs(questions, documents), **self.generator_inputs(questions, documents, answers)}
+        batch = {
+            **self.compressor_inputs(questions, documents, return_query_lengths),
+            **self.generator_inputs(questions, documents, answers),
+        }
         if rerank_scores is not None:
             flat = [float(s) for scores in rerank_scores for s in scores]
             batch["rerank_labels"] = torch.tensor(flat, dtype=torch.float32)

@@ -71,7 +71,9 @@ def test_shared_query_prefix_compresses_exactly(make_model, arch):
 
     plain = model.input_builder(questions, documents)
     expected_tokens = model.generate(**plain, max_new_tokens=6)
-    fast = generate_compressed(model, {**plain, **batch}, StaticGreedyGenerator(model.generator), max_new_tokens=6)
+    sharing = model.input_builder(questions, documents, return_query_lengths=True)
+    assert torch.equal(sharing["compressor_query_lengths"], batch["compressor_query_lengths"])
+    fast = generate_compressed(model, sharing, StaticGreedyGenerator(model.generator), max_new_tokens=6)
     assert torch.equal(fast[:, : expected_tokens.shape[1]], expected_tokens)
 
 

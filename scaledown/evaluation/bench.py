@@ -35,7 +35,7 @@ import transformers
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from ..configuration_scaledown import DEFAULT_SYSTEM_PROMPT, ScaleDownConfig
-from ..fast_generation import StaticGreedyGenerator, compress_sharing_queries, generate_compressed
+from ..fast_generation import StaticGreedyGenerator, compress_batch, generate_compressed
 from ..modeling_scaledown import ScaleDownForCausalLM, text_prompt
 from ..toy_models import SPECIAL_TOKENS, wrap_tokenizer
 from .evaluate import (
@@ -324,10 +324,8 @@ class CompressedSide:
 
     def prepare(self, questions: list[str], documents: list[list[str]], device: torch.device) -> PreparedBatch:
         model, config = self.model, self.model.config
-        inputs = model.input_builder(questions, documents)
-        if self.fast is not None and config.compressor_type == "n_layers":  # each question's prefix computed once
-            shared = model.input_builder.compressor_inputs(questions, documents, return_query_lengths=True)
-            inputs["compressor_query_lengths"] = shared["compressor_query_lengths"]
+        share_queries = self.fast is not None and config.compressor_type == "n_layers"  # prefix computed once
+        inputs = model.input_builder(questions, documents, return_query_lengths=share_queries)
         inputs = {name: tensor.to(device) for name, tensor in inputs.items()}
         prompt_lengths = inputs["attention_mask"].sum(-1).tolist()
         honest_rows = inputs["compressor_attention_mask"].sum(-1).tolist()  # prefix, query, markers, document, MEM
@@ -363,16 +361,7 @@ class CompressedSide:
 
     @torch.no_grad()
     def compress(self, batch: PreparedBatch):
-        if "compressor_query_lengths" in batch.inputs:
-            return compress_sharing_queries(
-                self.model,
-                batch.inputs["compressor_input_ids"],
-                batch.inputs["compressor_attention_mask"],
-                batch.inputs["compressor_query_lengths"],
-            )
-        return self.model.compress_tensors(
-            batch.inputs["compressor_input_ids"], batch.inputs["compressor_attention_mask"]
-        )
+        return compress_batch(self.model, batch.inputs)
 
 
 # ---- measurement -----------------------------------------------------------------------------------------------
