@@ -21,7 +21,7 @@ from ..evaluation.evaluate import evaluate
 from ..modeling_scaledown import ScaleDownForCausalLM
 from ..toy_models import build_causal_lm, build_tokenizer, minilm_path
 from ..train import main as train_main
-from .teacher import pretrain_generator, teacher_answers
+from .teacher import loader_workers, pretrain_generator, teacher_answers
 from .world import (
     build_world,
     chance_accuracy,
@@ -36,8 +36,8 @@ DOCUMENT_TOKENS = 64  # passages stay under ~50 tokens; 64 / memory tokens is th
 
 SCALES = {
     # The test suite's version: a few minutes on two CPU cores. Easy distractors (they never state the asked
-    # attribute) keep the task learnable in that budget; fresh facts per question make the teacher read instead of
-    # memorising the training people.
+    # attribute) keep the task learnable in that budget; fresh facts per question mean no person's facts can be
+    # learnt by heart, so accuracy on held-out people measures reading.
     "cpu": dict(
         world=dict(num_entities=300, eval_fraction=0.2, num_towns=6, num_companies=6, birth_years=(1990, 1995),
                    name_syllables=(2,), attributes=("birthplace", "employer", "colour", "pet")),
@@ -101,7 +101,7 @@ def train_variant(variant: dict, scale: dict, generator_dir: str, data_dir: str,
         "--compressor_learning_rate", str(run["compressor_learning_rate"]),
         "--gradient_checkpointing", "false", "--save_strategy", "no", "--logging_steps", "25",
         "--report_to", "none", "--device", device, "--seed", "0", "--disable_tqdm", "true",
-        "--dataloader_num_workers", str(min(8, os.cpu_count() or 1) if device == "gpu" else 0),
+        "--dataloader_num_workers", str(loader_workers("cuda" if device == "gpu" else "cpu")),
     ]  # fmt: skip
     if variant["compressor"] == "n_layers":
         common += ["--compressor_type", "n_layers", "--num_layers", str(variant["num_layers"])]

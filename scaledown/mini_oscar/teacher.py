@@ -41,6 +41,11 @@ class FullTextCollator:
         }
 
 
+def loader_workers(device) -> int:
+    """Data-loader processes: building prompts is Python work that would starve a GPU; on CPU it competes."""
+    return min(8, os.cpu_count() or 1) if torch.device(device).type == "cuda" else 0
+
+
 def pretrain_generator(
     generator_dir: str,
     examples: list[dict],
@@ -59,8 +64,7 @@ def pretrain_generator(
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(generator_dir)
     model = AutoModelForCausalLM.from_pretrained(generator_dir).to(device).train()
-    # Building prompts is Python work; on a GPU it would otherwise starve the device.
-    workers = min(8, os.cpu_count() or 1) if torch.device(device).type == "cuda" else 0
+    workers = loader_workers(device)
     loader = DataLoader(
         examples,
         batch_size=batch_size,
