@@ -40,3 +40,16 @@ def test_report_files(results, output_dir):
     assert json.loads((output_dir / "results.json").read_text())["variants"].keys() == {"n_layers-16x"}
     assert "| n_layers-16x | 16x |" in (output_dir / "results.md").read_text()
     assert (output_dir / "mini_oscar.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_variants_side_by_side_and_resumed(tmp_path):
+    """--jobs trains variants in parallel processes; a rerun keeps finished ones and redoes only what is missing."""
+    results = run("smoke", str(tmp_path), device="cpu", jobs=2)
+    assert list(results["variants"]) == ["n_layers-16x", "n_layers-32x"]
+    assert [row["compression"] for row in results["variants"].values()] == [16, 32]
+    kept = (tmp_path / "n_layers-16x" / "evaluation.json").stat().st_mtime_ns
+    (tmp_path / "n_layers-32x" / "evaluation.json").unlink()
+    again = run("smoke", str(tmp_path), device="cpu", variants=["n_layers-32x"])
+    assert list(again["variants"]) == ["n_layers-16x", "n_layers-32x"]  # the report merges both runs
+    assert (tmp_path / "n_layers-16x" / "evaluation.json").stat().st_mtime_ns == kept
+    assert again["baselines"] == results["baselines"]

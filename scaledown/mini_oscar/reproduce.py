@@ -13,6 +13,8 @@
 import argparse
 import json
 import os
+import subprocess
+import sys
 import time
 
 import torch
@@ -47,8 +49,19 @@ SCALES = {
         scaledown=dict(max_steps=300, batch_size=32, learning_rate=3e-3, compressor_learning_rate=1e-3),
         variants=[dict(name="n_layers-16x", compressor="n_layers", num_layers=2, memory_tokens=4)],
     ),
+    # Seconds, not minutes: for tests of the orchestration (resuming, merging reports, variants side by side).
+    "smoke": dict(
+        world=dict(num_entities=40, eval_fraction=0.25, num_towns=4, num_companies=4, birth_years=(1990, 1992),
+                   name_syllables=(2,), attributes=("birthplace", "employer")),
+        questions=dict(train=2, test=1, num_documents=2, hard_distractor_fraction=0.0, fresh_facts=True),
+        generator=dict(hidden_size=32, num_layers=2, num_heads=2), vocab_size=200,
+        teacher=dict(steps=5, batch_size=8, learning_rate=3e-3),
+        scaledown=dict(max_steps=3, batch_size=8, learning_rate=3e-3, compressor_learning_rate=1e-3),
+        variants=[dict(name="n_layers-16x", compressor="n_layers", num_layers=1, memory_tokens=4),
+                  dict(name="n_layers-32x", compressor="n_layers", num_layers=1, memory_tokens=2)],
+    ),
     # The GPU run: half of the distractors state the asked attribute of another person, 3 documents, all variants
-    # (the most telling first: the report is rewritten after each one).
+    # (the most telling first: without --jobs the report is rewritten after each one).
     "gpu": dict(
         world=dict(num_entities=2000, eval_fraction=0.1, name_syllables=(2, 3)),
         questions=dict(train=8, test=2, num_documents=3, hard_distractor_fraction=0.5, fresh_facts=True,
@@ -69,27 +82,36 @@ SCALES = {
 }
 
 
-def build_data(scale: dict, data_dir: str) -> dict:
+def build_data(scale: dict, data_dir: str, with_training_questions: bool) -> dict:
+    """The world; held-out test questions and pretraining text on disk; training questions when still needed."""
     world = build_world(seed=0, **scale["world"])
     q = scale["questions"]
     common = dict(num_documents=q["num_documents"], hard_distractor_fraction=q["hard_distractor_fraction"],
                   fresh_facts=q.get("fresh_facts", False))
-    train = make_examples(world, "train", questions_per_entity=q["train"], **common)
-    test = make_examples(world, "test", questions_per_entity=q["test"], **common)
-    # "unseen": the teacher learns from its own fresh questions, each seen once, so it must read (and its answers
-    # to the distillation questions are honest held-out answers). "distillation": it learns on the distillation
-    # questions themselves, so its targets are nearly all correct: the cheap choice for the CPU scale.
-    teacher_train = train
-    if q.get("teacher_data", "distillation") == "unseen":
-        per_person = scale["teacher"]["steps"] * scale["teacher"]["batch_size"] // len(world.entities_of("train"))
-        teacher_train = make_examples(world, "train", questions_per_entity=max(1, per_person), seed=1, **common)
     os.makedirs(data_dir, exist_ok=True)
-    write_jsonl(os.path.join(data_dir, "test.jsonl"), test)
-    write_lines(os.path.join(data_dir, "pretrain.txt"), pretraining_texts(world, "train"))
-    return {"world": world, "train": train, "teacher_train": teacher_train, "test": test}
+    test_path, pretrain_path = os.path.join(data_dir, "test.jsonl"), os.path.join(data_dir, "pretrain.txt")
+    if not os.path.isfile(test_path):
+        write_jsonl(test_path, make_examples(world, "test", questions_per_entity=q["test"], **common))
+    if not os.path.isfile(pretrain_path):
+        write_lines(pretrain_path, pretraining_texts(world, "train"))
+    data = {"world": world, "test": read_jsonl(test_path)}
+    if with_training_questions:
+        data["train"] = make_examples(world, "train", questions_per_entity=q["train"], **common)
+        # "unseen": the teacher learns from its own fresh questions, each seen once, so it must read (and its
+        # answers to the distillation questions are honest held-out answers). "distillation": it learns on the
+        # distillation questions themselves, so its targets are nearly all correct: the cheap choice for the CPU scale.
+        data["teacher_train"] = data["train"]
+        if q.get("teacher_data", "distillation") == "unseen":
+            per_person = scale["teacher"]["steps"] * scale["teacher"]["batch_size"] // len(world.entities_of("train"))
+            data["teacher_train"] = make_examples(
+                world, "train", questions_per_entity=max(1, per_person), seed=1, **common
+            )
+    return data
 
 
-def train_variant(variant: dict, scale: dict, generator_dir: str, data_dir: str, output_dir: str, device: str) -> str:
+def train_variant(
+    variant: dict, scale: dict, generator_dir: str, data_dir: str, output_dir: str, device: str, workers: int
+) -> str:
     """Train one compressor variant with `scaledown-train` (the same code path users run)."""
     run = scale["scaledown"]
     common = [
@@ -101,7 +123,7 @@ def train_variant(variant: dict, scale: dict, generator_dir: str, data_dir: str,
         "--compressor_learning_rate", str(run["compressor_learning_rate"]),
         "--gradient_checkpointing", "false", "--save_strategy", "no", "--logging_steps", "25",
         "--report_to", "none", "--device", device, "--seed", "0", "--disable_tqdm", "true",
-        "--dataloader_num_workers", str(loader_workers("cuda" if device == "gpu" else "cpu")),
+        "--dataloader_num_workers", str(workers),
     ]  # fmt: skip
     if variant["compressor"] == "n_layers":
         common += ["--compressor_type", "n_layers", "--num_layers", str(variant["num_layers"])]
@@ -124,18 +146,70 @@ def train_variant(variant: dict, scale: dict, generator_dir: str, data_dir: str,
     return variant_dir
 
 
-def run(scale_name: str, output_dir: str, device: str = "auto", variants: list[str] | None = None) -> dict:
+def _evaluation_path(output_dir: str, name: str) -> str:
+    return os.path.join(output_dir, name, "evaluation.json")
+
+
+def _evaluate_to_file(model_dir: str, test: list[dict], methods: tuple, path: str, torch_device: str) -> dict:
+    model = ScaleDownForCausalLM.from_pretrained(model_dir).to(torch_device)
+    report = evaluate(model, test, methods=methods, batch_size=64, max_new_tokens=12, progress=False)
+    row = {"methods": report["methods"], "rerank": report["rerank"]}
+    with open(path, "w") as handle:
+        json.dump(row, handle, indent=1)
+    return row
+
+
+def _run_variants_side_by_side(names: list[str], scale_name: str, output_dir: str, device: str, jobs: int) -> None:
+    """One process per variant, `jobs` at a time. The miniature's models are so small that one process leaves a
+    GPU mostly idle (launch- and Python-bound), so variants that share it finish in little more than one's time."""
+    workers = max(1, min(8, os.cpu_count() or 1) // jobs)
+    environment = {**os.environ, "OMP_NUM_THREADS": str(workers)}
+    waiting, running = list(names), []
+    while waiting or running:
+        while waiting and len(running) < jobs:
+            name = waiting.pop(0)
+            command = [sys.executable, "-m", "scaledown.mini_oscar.reproduce", "--scale", scale_name,
+                       "--output_dir", output_dir, "--device", device, "--variants", name,
+                       "--loader_workers", str(workers), "--no_report"]  # fmt: skip
+            log = open(os.path.join(output_dir, f"{name}.log"), "w")
+            running.append((name, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)))
+        time.sleep(2)
+        for name, process in list(running):
+            if process.poll() is not None:
+                running.remove((name, process))
+                log_path = os.path.join(output_dir, f"{name}.log")
+                if process.returncode == 0:
+                    print(f"variant {name}: done ({log_path})", flush=True)
+                else:
+                    with open(log_path) as handle:
+                        tail = handle.read()[-3000:]
+                    print(f"variant {name}: FAILED (exit {process.returncode}); end of {log_path}:\n{tail}", flush=True)
+
+
+def run(
+    scale_name: str,
+    output_dir: str,
+    device: str = "auto",
+    variants: list[str] | None = None,
+    jobs: int = 1,
+    loader_workers_count: int | None = None,
+    report: bool = True,
+) -> dict:
+    """Every finished stage leaves a file behind (teacher, distillation data, each variant's evaluation), so a rerun
+    after a kill, or with other --variants, continues where the last one stopped and reports them all."""
     scale = SCALES[scale_name]
     torch_device = "cuda" if device in ("auto", "gpu") and torch.cuda.is_available() else "cpu"
     train_device = "gpu" if torch_device == "cuda" else "cpu"
+    workers = loader_workers(torch_device) if loader_workers_count is None else loader_workers_count
     started = time.time()
     data_dir = os.path.join(output_dir, "data")
-    data = build_data(scale, data_dir)
-
-    # 1. the generator base / teacher, from scratch
-    # Each finished stage leaves a file behind; a rerun (after a kill) skips it.
     generator_dir = os.path.join(output_dir, "generator")
     teacher_log = os.path.join(output_dir, "teacher_losses.json")
+    distill_path = os.path.join(data_dir, "distill.jsonl")
+    teacher_summary = os.path.join(data_dir, "teacher.json")
+    data = build_data(scale, data_dir, with_training_questions=not os.path.isfile(teacher_summary))
+
+    # 1. the generator base / teacher, from scratch
     if not os.path.isfile(teacher_log):
         texts = [t for e in data["teacher_train"] for t in (e["question"], e["answer"], *e["documents"])]
         tokenizer = build_tokenizer(texts, vocab_size=scale["vocab_size"])
@@ -143,37 +217,72 @@ def run(scale_name: str, output_dir: str, device: str = "auto", variants: list[s
         losses = pretrain_generator(generator_dir, data["teacher_train"], device=torch_device, **scale["teacher"])
         with open(teacher_log, "w") as handle:
             json.dump(losses, handle)
-    with open(teacher_log) as handle:
-        teacher_losses = json.load(handle)
+        print(f"teacher trained in {time.time() - started:.0f} s", flush=True)
 
     # 2. sequence-level distillation targets
-    distill_path = os.path.join(data_dir, "distill.jsonl")
-    if not os.path.isfile(distill_path):
+    if not os.path.isfile(teacher_summary):
         answers = teacher_answers(generator_dir, data["train"], device=torch_device)
         write_jsonl(distill_path, [{**e, "answer": a} for e, a in zip(data["train"], answers)])
-    answers = [row["answer"] for row in read_jsonl(distill_path)]
-    teacher_train_accuracy = sum(a == e["answer"] for a, e in zip(answers, data["train"])) / len(answers)
+        accuracy = sum(a == e["answer"] for a, e in zip(answers, data["train"])) / len(answers)
+        with open(teacher_summary, "w") as handle:
+            json.dump({"train_accuracy": accuracy}, handle)
+        print(f"distillation answers written after {time.time() - started:.0f} s", flush=True)
 
     # 3-4. train and evaluate each variant on held-out people
     chosen = [v for v in scale["variants"] if variants is None or v["name"] in variants]
-    results = {"scale": scale_name, "teacher_train_accuracy": teacher_train_accuracy,
+    todo = [v for v in chosen if not os.path.isfile(_evaluation_path(output_dir, v["name"]))]
+    if jobs > 1 and len(todo) > 1:
+        _run_variants_side_by_side([v["name"] for v in todo], scale_name, output_dir, device, jobs)
+    else:
+        for variant in todo:
+            variant_dir = train_variant(variant, scale, generator_dir, data_dir, output_dir, train_device, workers)
+            _evaluate_to_file(variant_dir, data["test"], ("scaledown",), _evaluation_path(output_dir, variant["name"]),
+                              torch_device)  # fmt: skip
+            if report:  # after every variant: a run cut short still leaves its table
+                _evaluate_baselines(scale, output_dir, data["test"], torch_device)
+                write_report(collect_results(scale_name, output_dir, data["world"], time.time() - started), output_dir)
+    if not report:
+        return {}
+    _evaluate_baselines(scale, output_dir, data["test"], torch_device)
+    results = collect_results(scale_name, output_dir, data["world"], time.time() - started)
+    write_report(results, output_dir)
+    return results
+
+
+def _evaluate_baselines(scale: dict, output_dir: str, test: list[dict], torch_device: str) -> None:
+    """Closed-book and full text are the teacher itself (the generator with LoRA off): measured once, through the
+    first trained variant's model."""
+    baselines_path = os.path.join(output_dir, "baselines.json")
+    trained = [v["name"] for v in scale["variants"] if os.path.isfile(_evaluation_path(output_dir, v["name"]))]
+    if trained and not os.path.isfile(baselines_path):
+        _evaluate_to_file(os.path.join(output_dir, trained[0]), test, ("uncompressed", "closed_book"),
+                          baselines_path, torch_device)  # fmt: skip
+
+
+def collect_results(scale_name: str, output_dir: str, world, seconds: float) -> dict:
+    """The report: every variant evaluated so far under output_dir, in the scale's order, and the baselines."""
+    scale = SCALES[scale_name]
+    with open(os.path.join(output_dir, "teacher_losses.json")) as handle:
+        teacher_losses = json.load(handle)
+    with open(os.path.join(output_dir, "data", "teacher.json")) as handle:
+        teacher = json.load(handle)
+    results = {"scale": scale_name, "teacher_train_accuracy": teacher["train_accuracy"],
                "teacher_final_loss": sum(teacher_losses[-20:]) / len(teacher_losses[-20:]),
-               "closed_book_chance": chance_accuracy(data["world"]), "variants": {}}
-    for variant in chosen:
-        variant_dir = train_variant(variant, scale, generator_dir, data_dir, output_dir, train_device)
-        model = ScaleDownForCausalLM.from_pretrained(variant_dir).to(torch_device)
-        methods = ("scaledown",) if results.get("baselines") else ("scaledown", "uncompressed", "closed_book")
-        report = evaluate(model, data["test"], methods=methods, batch_size=64, max_new_tokens=12, progress=False)
-        if "uncompressed" in report["methods"]:
-            results["baselines"] = {m: report["methods"][m] for m in ("uncompressed", "closed_book")}
-        results["variants"][variant["name"]] = {
-            **report["methods"]["scaledown"],
-            "compression": DOCUMENT_TOKENS // variant["memory_tokens"],
-            "rerank": report["rerank"],
-        }
-        del model
-        results["seconds"] = time.time() - started
-        write_report(results, output_dir)  # after every variant: a run cut short still leaves its table
+               "closed_book_chance": chance_accuracy(world), "variants": {}, "seconds": seconds}  # fmt: skip
+    baselines_path = os.path.join(output_dir, "baselines.json")
+    if os.path.isfile(baselines_path):
+        with open(baselines_path) as handle:
+            results["baselines"] = json.load(handle)["methods"]
+    for variant in scale["variants"]:
+        path = _evaluation_path(output_dir, variant["name"])
+        if os.path.isfile(path):
+            with open(path) as handle:
+                row = json.load(handle)
+            results["variants"][variant["name"]] = {
+                **row["methods"]["scaledown"],
+                "compression": DOCUMENT_TOKENS // variant["memory_tokens"],
+                "rerank": row["rerank"],
+            }
     return results
 
 
@@ -196,6 +305,9 @@ def results_table(results: dict) -> str:
 
 
 def write_report(results: dict, output_dir: str) -> None:
+    if "baselines" not in results:
+        print("No variant has finished yet: nothing to report.")
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -229,8 +341,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--output_dir", default="mini-oscar")
     parser.add_argument("--device", default="auto", choices=["auto", "gpu", "cpu"])
     parser.add_argument("--variants", nargs="*", help="names of the variants to run (default: all of the scale)")
+    parser.add_argument("--jobs", type=int, default=1, help="variants trained side by side, one process each")
+    parser.add_argument("--loader_workers", type=int, default=None, help="data-loader processes per training run")
+    parser.add_argument("--no_report", action="store_true", help="train and evaluate only (used by --jobs)")
     args = parser.parse_args(argv)
-    return run(args.scale, args.output_dir, args.device, args.variants)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}.")
+    unknown = set(args.variants or ()) - {v["name"] for v in SCALES[args.scale]["variants"]}
+    if unknown:
+        parser.error(f"Unknown variants {sorted(unknown)} for --scale {args.scale}: choose among "
+                     f"{[v['name'] for v in SCALES[args.scale]['variants']]}.")  # fmt: skip
+    return run(args.scale, args.output_dir, args.device, args.variants, args.jobs, args.loader_workers,
+               report=not args.no_report)  # fmt: skip
 
 
 if __name__ == "__main__":

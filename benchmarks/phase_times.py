@@ -1,0 +1,116 @@
+"""Where the fast engine's time goes: prefill, the copy into the static cache, and the replayed decode steps.
+
+    python benchmarks/phase_times.py --shape mistral-7b --batch_sizes 1,8,32,64
+
+Uncompressed side (the generator reading the document text), random weights of the real shape, the bench's
+protocol. Each phase is timed alone and set beside its roofline time, so the slow phase shows itself.
+"""
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+
+from scaledown.evaluation import bench
+from scaledown.evaluation.evaluate import resolve_device, resolve_dtype, synchronize, tokenize_text_prompts
+from scaledown.evaluation.flops import TransformerShape, detect_hardware, generator_phases
+from scaledown.fast_generation import StaticGreedyGenerator
+from scaledown.modeling_scaledown import text_prompt
+
+
+def median_ms(function, device, repeats: int) -> float:
+    function()  # warm-up
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = torch.cuda.Event(enable_timing=True) if device.type == "cuda" else None
+        end = torch.cuda.Event(enable_timing=True) if device.type == "cuda" else None
+        if start is not None:
+            start.record()
+            function()
+            end.record()
+            synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            import time
+
+            begin = time.perf_counter()
+            function()
+            times.append(1000 * (time.perf_counter() - begin))
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = bench.build_parser()
+    parser.add_argument("--phase_batch_sizes", default="1,8,32,64")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    hardware = detect_hardware(device, args.peak_tflops, args.peak_bandwidth_tbs)
+    _, generator, tokenizer, system_prompt, _, _, protocol = bench._load_models(args, device, dtype, print)
+    shape = TransformerShape.from_config(generator.config)
+    batch_sizes = [int(b) for b in args.phase_batch_sizes.split(",")]
+    questions, documents = bench.synthetic_requests(tokenizer, protocol, max(batch_sizes), seed=args.seed)
+    engine = StaticGreedyGenerator(generator)
+    steps = protocol.new_tokens
+    rows = []
+    for batch_size in batch_sizes:
+        prompts = [text_prompt(tokenizer, q, d, system_prompt) for q, d in zip(questions, documents)][:batch_size]
+        inputs = tokenize_text_prompts(tokenizer, prompts, device)
+        lengths = inputs["attention_mask"].sum(-1).tolist()
+        positions = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+
+        def whole():
+            engine.generate(**inputs, max_new_tokens=steps, pad_token_id=tokenizer.pad_token_id)
+
+        def prefill():
+            with torch.no_grad():
+                generator(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
+
+        def decode():
+            state = engine._state  # rewound to just after the prefill, so that the replays write in bounds
+            if state.graph is None:
+                raise RuntimeError("Decode timing replays the captured CUDA graph: run it on a GPU.")
+            prompt_len = inputs["attention_mask"].shape[1]
+            state.step.fill_(1)
+            state.cache_position.fill_(prompt_len)
+            for layer in state.cache.layers:  # transformers' static layers count their own write position
+                if hasattr(layer, "cumulative_length"):
+                    layer.cumulative_length.fill_(prompt_len)
+            state.positions.copy_(positions[:, -1:] + 1)
+            for _ in range(steps - 1):
+                state.graph.replay()
+
+        total = median_ms(whole, device, args.repeats)
+        prefill_ms = median_ms(prefill, device, args.repeats)
+        decode_ms = median_ms(decode, device, args.repeats)
+        phases = generator_phases(shape, lengths, steps, torch.finfo(dtype).bits // 8)
+        roof = {p.name: 1000 * p.best_seconds(hardware) if hardware else None for p in phases}
+        row = {
+            "batch_size": batch_size,
+            "total_ms": total,
+            "prefill_ms": prefill_ms,
+            "decode_ms": decode_ms,
+            "decode_ms_per_step": decode_ms / (steps - 1),
+            "rest_ms": total - prefill_ms - decode_ms,  # cache reset, KV copy into the static cache, first token
+            "prefill_roofline_ms": roof["prefill"],
+            "decode_roofline_ms": roof["decode"],
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print("\n| batch | total ms | prefill ms (roofline) | decode ms (roofline) | per step ms | rest ms |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+        print(f"| {r['batch_size']} | {r['total_ms']:.1f} | {r['prefill_ms']:.1f} ({fmt(r['prefill_roofline_ms'])}) | "
+              f"{r['decode_ms']:.1f} ({fmt(r['decode_roofline_ms'])}) | {r['decode_ms_per_step']:.2f} | "
+              f"{r['rest_ms']:.1f} |")  # fmt: skip
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, f"phase_times_{args.shape}.json"), "w") as handle:
+        json.dump({"device": bench._device_name(device), "protocol": str(protocol), "rows": rows}, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
