@@ -212,7 +212,10 @@ def train(args: ScaleDownArguments, training_args: TrainingArguments) -> ScaleDo
         args=training_args,
         train_dataset=train_rows,
         eval_dataset=eval_rows,
-        data_collator=ScaleDownCollator(model.input_builder, use_rerank_scores=model.config.enable_reranking),
+        # Pretraining text has no rerank targets; the RR head waits for fine-tuning.
+        data_collator=ScaleDownCollator(
+            model.input_builder, use_rerank_scores=model.config.enable_reranking and args.stage != "pretrain"
+        ),
         compressor_learning_rate=args.compressor_learning_rate or DEFAULT_COMPRESSOR_LR[model.config.compressor_type],
         callbacks=[LossCurveCallback()],
     )

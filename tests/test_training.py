@@ -131,9 +131,11 @@ def test_killed_run_resumes_to_the_same_end(generator_dirs, tmp_path):
 
 
 def test_pretraining_stage_feeds_finetuning(generator_dirs, modernbert_dir, tmp_path):
+    """Plain text has no rerank targets: the pretraining stage builds the RR head but trains without it."""
     text = tmp_path / "text.txt"
     text.write_text("\n".join(f"Passage {i}: " + " ".join(f"word{j}" for j in range(i, i + 40)) for i in range(12)))
-    encoder = ["--compressor_type", "modernbert", "--compressor_name_or_path", modernbert_dir, "--max_steps", "3"]
+    encoder = ["--compressor_type", "modernbert", "--compressor_name_or_path", modernbert_dir, "--max_steps", "3",
+               "--enable_reranking"]  # fmt: skip
     args, training_args = parse_arguments(
         base_argv(generator_dirs["llama"], str(text), tmp_path / "pre", *encoder, "--stage", "pretrain")
     )
@@ -141,10 +143,13 @@ def test_pretraining_stage_feeds_finetuning(generator_dirs, modernbert_dir, tmp_
     pretrained = ScaleDownForCausalLM.from_pretrained(tmp_path / "pre")
     data = write_examples(tmp_path / "train.jsonl")
     args, training_args = parse_arguments(
-        base_argv(generator_dirs["llama"], data, tmp_path / "fine", "--max_steps", "2", "--init_checkpoint", str(tmp_path / "pre"))
+        base_argv(generator_dirs["llama"], data, tmp_path / "fine", "--max_steps", "2", "--init_checkpoint", str(tmp_path / "pre"),
+                  "--enable_reranking")
     )
-    finetuned = train(args, training_args).model
+    trainer = train(args, training_args)
+    finetuned = trainer.model
     assert finetuned.config.compressor_type == "modernbert"
+    assert any("rerank_loss" in row for row in trainer.state.log_history)
     start = dict(pretrained.connector.named_parameters())
     assert any(not torch.equal(start[n], p.to(start[n].dtype)) for n, p in finetuned.connector.named_parameters())
 
