@@ -67,11 +67,12 @@ SCALES = {
     "gpu": dict(
         world=dict(num_entities=2000, eval_fraction=0.1, name_syllables=(2, 3)),
         # 2000 steps x 64 on 127,800 questions left the teacher at 0.445 on held-out people (picking among the
-        # values of the asked attribute without binding them to the name): it gets 4x the steps, 2x the batch.
+        # values of the asked attribute without binding them to the name): it gets 5x the examples, through a
+        # larger batch (steps cost about the same on a GPU with bf16 autocast) and a higher learning rate.
         questions=dict(train=8, test=2, num_documents=3, hard_distractor_fraction=0.5, fresh_facts=True,
                        teacher_questions=100),
         generator=dict(hidden_size=256, num_layers=6, num_heads=8), vocab_size=2000,
-        teacher=dict(steps=8000, batch_size=128, learning_rate=1e-3),
+        teacher=dict(steps=2500, batch_size=256, learning_rate=2e-3),
         scaledown=dict(max_steps=1500, batch_size=64, learning_rate=1e-3, compressor_learning_rate=1e-3),
         pretrain=dict(max_steps=300),
         variants=[  # a pretrained encoder takes a gentler compressor learning rate than the copied generator layers
@@ -233,9 +234,7 @@ def run(
         losses = pretrain_generator(generator_dir, data["teacher_train"], device=torch_device, **scale["teacher"])
         with open(teacher_log, "w") as handle:
             json.dump(losses, handle)
-        checkpoints = range(0, len(losses), max(1, len(losses) // 10))
-        trace = ", ".join(f"{i}: {sum(losses[i:i + 20]) / len(losses[i:i + 20]):.3f}" for i in checkpoints)
-        print(f"teacher trained in {time.time() - started:.0f} s; loss by step {trace}", flush=True)
+        print(f"teacher trained after {time.time() - started:.0f} s", flush=True)
 
     # 2. sequence-level distillation targets
     if not os.path.isfile(teacher_summary):

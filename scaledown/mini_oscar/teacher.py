@@ -3,6 +3,7 @@ documents in the generator's prompt format; it then serves as the generator's ba
 """
 
 import os
+import time
 
 import torch
 from torch.utils.data import DataLoader
@@ -76,13 +77,17 @@ def pretrain_generator(
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
     schedule = get_linear_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
+    on_gpu = torch.device(device).type == "cuda"
+    started = time.time()
     losses = []
     progress = tqdm(total=steps, desc="teacher pretraining")
     while len(losses) < steps:
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
             position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            loss = model(**batch, position_ids=position_ids).loss
+            # bf16 autocast on a GPU (float32 master weights): several times the step rate of float32 matmuls
+            with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=on_gpu):
+                loss = model(**batch, position_ids=position_ids).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -91,6 +96,10 @@ def pretrain_generator(
             losses.append(loss.item())
             progress.update(1)
             progress.set_postfix(loss=f"{losses[-1]:.3f}")
+            if len(losses) % max(1, steps // 10) == 0:  # a trace that survives in plain logs
+                recent = losses[-20:]
+                print(f"teacher step {len(losses)}/{steps}: loss {sum(recent) / len(recent):.3f} "
+                      f"({time.time() - started:.0f} s)", flush=True)  # fmt: skip
             if len(losses) >= steps:
                 break
     progress.close()
