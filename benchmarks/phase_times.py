@@ -83,9 +83,15 @@ def main() -> None:
             for _ in range(steps - 1):
                 state.graph.replay()
 
-        total = median_ms(whole, device, args.repeats)
-        prefill_ms = median_ms(prefill, device, args.repeats)
-        decode_ms = median_ms(decode, device, args.repeats)
+        try:
+            total = median_ms(whole, device, args.repeats)
+            prefill_ms = median_ms(prefill, device, args.repeats)
+            decode_ms = median_ms(decode, device, args.repeats)
+        except RuntimeError as error:
+            if not bench.is_out_of_memory(error):
+                raise
+            print(f"batch {batch_size}: out of memory; larger batches are skipped", flush=True)
+            break
         phases = generator_phases(shape, lengths, steps, torch.finfo(dtype).bits // 8)
         roof = {p.name: 1000 * p.best_seconds(hardware) if hardware else None for p in phases}
         row = {
