@@ -42,9 +42,21 @@ def median_ms(function, device, repeats: int) -> float:
     return statistics.median(times)
 
 
+def print_top_kernels(title: str, function, rows: int = 15) -> None:
+    """The kernels that take the phase's time: the first thing to read when a phase sits far from its roofline."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as profiler:
+        function()
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    print(f"\n== {title}\n" + profiler.key_averages().table(sort_by=sort, row_limit=rows), flush=True)
+
+
 def main() -> None:
     parser = bench.build_parser()
     parser.add_argument("--phase_batch_sizes", default="1,8,32,64")
+    parser.add_argument("--profile", action="store_true", help="also print the top kernels of each phase (torch.profiler)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -92,6 +104,9 @@ def main() -> None:
                 raise
             print(f"batch {batch_size}: out of memory; larger batches are skipped", flush=True)
             break
+        if args.profile:
+            for name, function in (("prefill", prefill), ("decode", decode)):
+                print_top_kernels(f"batch {batch_size}, {name}", function)
         phases = generator_phases(shape, lengths, steps, torch.finfo(dtype).bits // 8)
         roof = {p.name: 1000 * p.best_seconds(hardware) if hardware else None for p in phases}
         row = {

@@ -53,3 +53,22 @@ def test_variants_side_by_side_and_resumed(tmp_path):
     assert list(again["variants"]) == ["n_layers-16x", "n_layers-32x"]  # the report merges both runs
     assert (tmp_path / "n_layers-16x" / "evaluation.json").stat().st_mtime_ns == kept
     assert again["baselines"] == results["baselines"]
+
+
+def test_teacher_batches_label_the_answer_and_eos_only():
+    from scaledown.mini_oscar.teacher import FullTextCollator, tokenize_full_text
+    from scaledown.mini_oscar.world import build_world, make_examples
+    from scaledown.toy_models import build_tokenizer
+
+    world = build_world(seed=0, num_entities=20, eval_fraction=0.25)
+    examples = make_examples(world, "train", questions_per_entity=1, num_documents=2)[:4]
+    tokenizer = build_tokenizer([t for e in examples for t in (e["question"], e["answer"], *e["documents"])], 300)
+    tokenized = tokenize_full_text(tokenizer, examples)
+    batch = FullTextCollator(tokenizer.pad_token_id)(tokenized)
+    width = max(len(e["prompt"]) + len(e["answer"]) for e in tokenized)
+    assert batch["input_ids"].shape == batch["labels"].shape == (4, width)
+    for row, example, item in zip(range(4), examples, tokenized):
+        assert batch["attention_mask"][row, -1] == 1  # left padded: every row ends at the last column
+        labelled = batch["labels"][row][batch["labels"][row] != -100].tolist()
+        assert labelled == item["answer"] and labelled[-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(labelled[:-1]).strip() == example["answer"]

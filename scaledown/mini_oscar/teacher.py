@@ -14,29 +14,29 @@ from ..configuration_scaledown import DEFAULT_SYSTEM_PROMPT
 from ..modeling_scaledown import text_prompt
 
 
-class FullTextCollator:
-    """Uncompressed prompt + answer + EOS, labels on the answer only, left padded (the layout generation uses)."""
+def tokenize_full_text(tokenizer, examples: list[dict], system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> list[dict]:
+    """Each example as token ids: uncompressed prompt, and answer + EOS. Done once, in batches (the fast tokenizer
+    runs them in parallel), so that training steps only pad; tokenising in every batch held the GPU back."""
+    prompts = [text_prompt(tokenizer, e["question"], e["documents"], system_prompt) for e in examples]
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer([e["answer"] for e in examples], add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return [{"prompt": p, "answer": a + [eos]} for p, a in zip(prompt_ids, answer_ids)]
 
-    def __init__(self, tokenizer, system_prompt: str = DEFAULT_SYSTEM_PROMPT):
-        self.tokenizer = tokenizer
-        self.system_prompt = system_prompt
+
+class FullTextCollator:
+    """Pads tokenised examples (`tokenize_full_text`) on the left, the layout generation uses; labels on the
+    answer only."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        rows, labels = [], []
-        for example in examples:
-            prompt = self.tokenizer(
-                text_prompt(self.tokenizer, example["question"], example["documents"], self.system_prompt),
-                add_special_tokens=False,
-            )["input_ids"]
-            answer = self.tokenizer(example["answer"], add_special_tokens=False)["input_ids"] + [
-                self.tokenizer.eos_token_id
-            ]
-            rows.append(prompt + answer)
-            labels.append([-100] * len(prompt) + answer)
+        rows = [e["prompt"] + e["answer"] for e in examples]
+        labels = [[-100] * len(e["prompt"]) + e["answer"] for e in examples]
         width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id
         return {
-            "input_ids": torch.tensor([[pad] * (width - len(r)) + r for r in rows]),
+            "input_ids": torch.tensor([[self.pad_token_id] * (width - len(r)) + r for r in rows]),
             "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
             "labels": torch.tensor([[-100] * (width - len(r)) + r for r in labels]),
         }
@@ -67,10 +67,10 @@ def pretrain_generator(
     model = AutoModelForCausalLM.from_pretrained(generator_dir).to(device).train()
     workers = loader_workers(device)
     loader = DataLoader(
-        examples,
+        tokenize_full_text(tokenizer, examples),
         batch_size=batch_size,
         shuffle=True,
-        collate_fn=FullTextCollator(tokenizer),
+        collate_fn=FullTextCollator(tokenizer.pad_token_id),
         drop_last=True,
         num_workers=workers,
         persistent_workers=workers > 0,
