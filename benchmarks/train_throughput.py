@@ -129,7 +129,8 @@ def run_compressor(shape: str, compressor: str, device, batch_sizes: list[int], 
             torch.cuda.empty_cache()
             break
     del model, optimizer
-    torch.cuda.empty_cache() if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return best
 
 
@@ -137,7 +138,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="mistral-7b", choices=sorted(GENERATOR_SHAPES))
     parser.add_argument("--compressor", default="8l,modernbert-base")
-    parser.add_argument("--batch_sizes", default="1,2,4,8,16,32")
+    parser.add_argument("--batch_sizes", default="1,4,16,32,64,96,128,192,256")  # stops at the first OOM
     parser.add_argument("--documents", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--attn", default="sdpa")
