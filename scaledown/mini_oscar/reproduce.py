@@ -84,9 +84,8 @@ SCALES = {
     # (the most telling first: without --jobs the report is rewritten after each one).
     "gpu": dict(
         world=dict(num_entities=2000, eval_fraction=0.1, name_syllables=(2, 3)),
-        # 2000 steps x 64 on 127,800 questions left the teacher at 0.445 on held-out people (picking among the
-        # values of the asked attribute without binding them to the name): it gets 5x the examples, through a
-        # larger batch (steps cost about the same on a GPU with bf16 autocast) and a higher learning rate.
+        # The teacher stalls near 0.45 on held-out people in this world (benchmarks/MINI_OSCAR.md: its breadth and
+        # the third document slow a small teacher far more than more examples per step help).
         questions=dict(train=8, test=2, num_documents=3, hard_distractor_fraction=0.5, fresh_facts=True,
                        teacher_questions=100),
         generator=dict(hidden_size=256, num_layers=6, num_heads=8), vocab_size=2000,
