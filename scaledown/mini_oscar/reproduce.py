@@ -62,24 +62,6 @@ SCALES = {
         variants=[dict(name="n_layers-16x", compressor="n_layers", num_layers=1, memory_tokens=4),
                   dict(name="n_layers-32x", compressor="n_layers", num_layers=1, memory_tokens=2)],
     ),
-    # One GPU call of under seven minutes: the GPU world with easy distractors (each states none of the asked
-    # attribute, so the answer needs no binding to the name), a shorter teacher and student, four variants.
-    "gpu-quick": dict(
-        world=dict(num_entities=2000, eval_fraction=0.1, name_syllables=(2, 3)),
-        questions=dict(train=8, test=2, num_documents=3, hard_distractor_fraction=0.0, fresh_facts=True,
-                       teacher_questions=100),
-        generator=dict(hidden_size=256, num_layers=6, num_heads=8), vocab_size=2000,
-        teacher=dict(steps=1500, batch_size=256, learning_rate=2e-3),
-        scaledown=dict(max_steps=1000, batch_size=64, learning_rate=1e-3, compressor_learning_rate=1e-3),
-        pretrain=dict(max_steps=200),
-        variants=[
-            dict(name="n_layers-16x", compressor="n_layers", num_layers=3, memory_tokens=4),
-            dict(name="minilm-16x+rerank", compressor="encoder", memory_tokens=4, rerank=True,
-                 compressor_learning_rate=3e-4),
-            dict(name="n_layers-32x", compressor="n_layers", num_layers=3, memory_tokens=2),
-            dict(name="n_layers-64x", compressor="n_layers", num_layers=3, memory_tokens=1),
-        ],
-    ),
     # The GPU run: the CPU scale's narrow world (4 attributes, small value pools), 2000 people, 2 documents, half
     # of the distractors stating the asked attribute of another person. The widest world with 3 documents kept the
     # teacher near 0.45 on held-out people; in this one a CPU-sized teacher already reaches 0.825 (1500 steps of 16),
