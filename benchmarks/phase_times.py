@@ -6,7 +6,6 @@ Uncompressed side (the generator reading the document text), random weights of t
 protocol. Each phase is timed alone and set beside its roofline time, so the slow phase shows itself.
 """
 
-import argparse
 import json
 import os
 import statistics
@@ -14,32 +13,15 @@ import statistics
 import torch
 
 from scaledown.evaluation import bench
-from scaledown.evaluation.evaluate import resolve_device, resolve_dtype, synchronize, tokenize_text_prompts
+from scaledown.evaluation.evaluate import resolve_device, resolve_dtype, tokenize_text_prompts
 from scaledown.evaluation.flops import TransformerShape, detect_hardware, generator_phases
 from scaledown.fast_generation import StaticGreedyGenerator
 from scaledown.modeling_scaledown import text_prompt
 
 
 def median_ms(function, device, repeats: int) -> float:
-    function()  # warm-up
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = torch.cuda.Event(enable_timing=True) if device.type == "cuda" else None
-        end = torch.cuda.Event(enable_timing=True) if device.type == "cuda" else None
-        if start is not None:
-            start.record()
-            function()
-            end.record()
-            synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            import time
-
-            begin = time.perf_counter()
-            function()
-            times.append(1000 * (time.perf_counter() - begin))
-    return statistics.median(times)
+    """Median wall clock of `repeats` synchronised runs after one warm-up, in ms (the bench's own timer)."""
+    return 1000 * statistics.median(bench.timed_runs(function, device, warmup=1, repeats=repeats))
 
 
 def print_top_kernels(title: str, function, rows: int = 15) -> None:

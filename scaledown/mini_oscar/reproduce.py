@@ -165,13 +165,18 @@ def _evaluate_to_file(model_dir: str, test: list[dict], methods: tuple, path: st
 
 
 def _run_variants_side_by_side(
-    names: list[str], scale_name: str, output_dir: str, device: str, jobs: int, on_finished: Callable[[], None]
+    names: list[str],
+    scale_name: str,
+    output_dir: str,
+    device: str,
+    jobs: int,
+    workers: int,
+    on_finished: Callable[[], None],
 ) -> None:
     """One process per variant, `jobs` at a time. The miniature's models are so small that one process leaves a
     GPU mostly idle (launch- and Python-bound), so variants that share it finish in little more than one's time.
     Killing this process (SIGTERM, Ctrl-C) stops its children too; what finished is kept."""
-    workers = max(1, min(8, os.cpu_count() or 1) // jobs)
-    environment = {**os.environ, "OMP_NUM_THREADS": str(workers)}
+    environment = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
     waiting, running = list(names), []
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
@@ -255,13 +260,14 @@ def run(
         return results
 
     if jobs > 1 and len(todo) > 1:
-        _run_variants_side_by_side([v["name"] for v in todo], scale_name, output_dir, device, jobs, report_so_far)
+        names = [v["name"] for v in todo]  # the machine's loader workers, shared among the side-by-side runs
+        _run_variants_side_by_side(names, scale_name, output_dir, device, jobs, workers // jobs, report_so_far)
     else:
-        for variant in todo:
+        for index, variant in enumerate(todo):
             variant_dir = train_variant(variant, scale, generator_dir, data_dir, output_dir, train_device, workers)
             _evaluate_to_file(variant_dir, data["test"], ("scaledown",), _evaluation_path(output_dir, variant["name"]),
                               torch_device)  # fmt: skip
-            if report:
+            if report and index < len(todo) - 1:  # the last one is in the final report below
                 report_so_far()
     return report_so_far() if report else {}
 

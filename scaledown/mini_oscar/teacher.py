@@ -77,7 +77,7 @@ def pretrain_generator(
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
     schedule = get_linear_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
-    on_gpu = torch.device(device).type == "cuda"
+    device_type = torch.device(device).type
     started = time.time()
     losses = []
     progress = tqdm(total=steps, desc="teacher pretraining")
@@ -86,7 +86,7 @@ def pretrain_generator(
             batch = {k: v.to(device) for k, v in batch.items()}
             position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
             # bf16 autocast on a GPU (float32 master weights): several times the step rate of float32 matmuls
-            with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=on_gpu):
+            with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
                 loss = model(**batch, position_ids=position_ids).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
