@@ -72,3 +72,32 @@ def test_teacher_batches_label_the_answer_and_eos_only():
         labelled = batch["labels"][row][batch["labels"][row] != -100].tolist()
         assert labelled == item["answer"] and labelled[-1] == tokenizer.eos_token_id
         assert tokenizer.decode(labelled[:-1]).strip() == example["answer"]
+
+
+def test_variant_settings_reach_the_training_command(monkeypatch, tmp_path):
+    """Per-variant pretraining steps, learning rate and step count; pretrain_steps=0 skips the pretraining stage."""
+    from scaledown.mini_oscar import reproduce
+
+    calls = []
+    monkeypatch.setattr(reproduce, "train_main", lambda argv: calls.append(argv))
+
+    def flag(argv, name):
+        return argv[argv.index(name) + 1]
+
+    scale = reproduce.SCALES["gpu"]
+    encoder = dict(name="enc", compressor="encoder", memory_tokens=4, compressor_learning_rate=1e-4, max_steps=7)
+    reproduce.train_variant({**encoder, "pretrain_steps": 0}, scale, "gen", "data", str(tmp_path), "cpu", 0)
+    assert len(calls) == 1 and "--init_checkpoint" not in calls[0] and "--stage" not in calls[0]
+    assert flag(calls[0], "--max_steps") == "7" and flag(calls[0], "--compressor_learning_rate") == "0.0001"
+
+    calls.clear()
+    reproduce.train_variant({**encoder, "pretrain_steps": 5}, scale, "gen", "data", str(tmp_path), "cpu", 0)
+    pretrain, finetune = calls
+    assert flag(pretrain, "--stage") == "pretrain" and flag(pretrain, "--max_steps") == "5"
+    assert flag(finetune, "--init_checkpoint") == flag(pretrain, "--output_dir")
+
+    calls.clear()
+    n_layers = dict(name="nl", compressor="n_layers", num_layers=3, memory_tokens=4)
+    reproduce.train_variant(n_layers, scale, "gen", "data", str(tmp_path), "cpu", 0)
+    assert flag(calls[0], "--max_steps") == str(scale["scaledown"]["max_steps"])
+    assert flag(calls[0], "--compressor_learning_rate") == str(scale["scaledown"]["compressor_learning_rate"])
