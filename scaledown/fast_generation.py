@@ -290,6 +290,19 @@ def compress_sharing_queries(
     return model.read_compressed(hidden, suffix_lengths)
 
 
+def compile_encoder_compressor(model) -> bool:
+    """torch.compile an encoder compressor in place (its weights' names are unchanged); True if it was compiled.
+
+    An encoder such as ModernBERT-base spends most of its time in memory-bound element-wise work (norms, GeGLU,
+    rotary embeddings, masks) between small matrix products; compiling fuses that work. N-layers compressors run
+    through the query-sharing path with a KV cache, which stays eager.
+    """
+    if not model.config.uses_encoder_compressor:
+        return False
+    model.compressor.compile()
+    return True
+
+
 def compress_batch(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Compress a model-input batch; one holding `compressor_query_lengths` computes each question's prefix once."""
     if "compressor_query_lengths" in batch:

@@ -102,3 +102,18 @@ def test_grouped_decode_attention_equals_repeated_heads():
     grouped, _ = grouped_decode_attention(module, query, key, value, mask, scaling=0.25)
     assert grouped.shape == expected.shape == (3, 1, 8, 16)
     torch.testing.assert_close(grouped, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_encoder_compressor_gives_the_same_vectors(make_model, modernbert_dir):
+    from scaledown.fast_generation import compile_encoder_compressor
+
+    model = make_model(compressor_type="modernbert", compressor_name_or_path=modernbert_dir, enable_reranking=True)
+    eager = model.compress(QUESTIONS[:2], DOCUMENTS[:2])
+    names = list(model.state_dict())
+    assert compile_encoder_compressor(model)
+    compiled = model.compress(QUESTIONS[:2], DOCUMENTS[:2])
+    assert list(model.state_dict()) == names  # checkpoints saved after compiling load as before
+    for field in ("embeddings", "rerank_scores"):
+        for before, after in zip(getattr(eager, field), getattr(compiled, field)):
+            torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+    assert not compile_encoder_compressor(make_model())  # N-layers compressors stay eager

@@ -35,7 +35,7 @@ import transformers
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from ..configuration_scaledown import DEFAULT_SYSTEM_PROMPT, ScaleDownConfig
-from ..fast_generation import StaticGreedyGenerator, compress_batch, generate_compressed
+from ..fast_generation import StaticGreedyGenerator, compile_encoder_compressor, compress_batch, generate_compressed
 from ..modeling_scaledown import ScaleDownForCausalLM, text_prompt
 from ..toy_models import SPECIAL_TOKENS, wrap_tokenizer
 from .evaluate import (
@@ -679,6 +679,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["generate", "static"],
         help="generation engine of both sides: transformers' generate, or static cache + CUDA-graph decoding",
     )
+    parser.add_argument(
+        "--compile_compressor",
+        action="store_true",
+        help="torch.compile encoder compressors such as ModernBERT (N-layers compressors stay eager)",
+    )
     parser.add_argument("--peak_tflops", type=float, default=None, help="override the detected dense bf16 peak")
     parser.add_argument("--peak_bandwidth_tbs", type=float, default=None, help="override the detected memory bandwidth")
     parser.add_argument("--seed", type=int, default=0)
@@ -726,6 +731,7 @@ def _settings(
             "generate": "transformers generate (greedy, min_new_tokens = max_new_tokens)",
             "static": "scaledown.fast_generation (greedy, static KV cache, CUDA-graph decode, no EOS stop)",
         }[args.engine],
+        "compile_compressor": args.compile_compressor,
         "hardware": asdict(hardware) if hardware is not None else None,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "notes": (
@@ -807,6 +813,7 @@ def run(args: argparse.Namespace) -> dict:
     }
     os.makedirs(args.output_dir, exist_ok=True)
     stem = f"bench_{'checkpoint' if args.checkpoint else args.shape}_{'-'.join(compressor_names)}_{args.engine}"
+    stem += "_compiled" if args.compile_compressor else ""
     json_path, png_path = (os.path.join(args.output_dir, f"{stem}.{ext}") for ext in ("json", "png"))
     run_side = dict(
         requests=requests,
@@ -840,6 +847,8 @@ def run(args: argparse.Namespace) -> dict:
             )
         else:
             scaledown = model
+        if args.compile_compressor and compile_encoder_compressor(scaledown):
+            log(f"{name}: compressor compiled (the warm-up runs absorb the compilation)")
         compressed = bench_side(CompressedSide(name, scaledown, protocol, dtype_bytes, args.engine), **run_side)
         for label, record in compressed.items():
             if "error" not in record and "error" not in uncompressed[label]:
