@@ -7,7 +7,6 @@ prefix is the same on both paths, relative to the logits' spread, and how many g
 divergence (bf16 kernels differ in summation order, so late divergences between near-tied logits are expected).
 """
 
-
 import torch
 
 from scaledown.evaluation import bench

@@ -89,25 +89,24 @@ SCALES = {
 }
 # Ablations of the encoder compressor in the gpu world (the same teacher, so the same --output_dir as `gpu` reuses
 # it): the pretraining stage on or off, and the compressor learning rate, which also drives the new connector.
+def _minilm_ablation(memory_tokens: int, learning_rate: str, pretrain_steps: int, rerank: bool = False) -> dict:
+    pretraining = f"pretrain{pretrain_steps}" if pretrain_steps else "nopretrain"
+    name = f"minilm-{DOCUMENT_TOKENS // memory_tokens}x{'+rerank' if rerank else ''}-{pretraining}-lr{learning_rate}"
+    return dict(name=name, compressor="encoder", memory_tokens=memory_tokens, pretrain_steps=pretrain_steps,
+                compressor_learning_rate=float(learning_rate), max_steps=1200, rerank=rerank)
+
+
 SCALES["gpu-encoder"] = dict(
     SCALES["gpu"],
     variants=[
-        dict(name="minilm-16x-nopretrain-lr1e-3", compressor="encoder", memory_tokens=4, pretrain_steps=0,
-             compressor_learning_rate=1e-3, max_steps=1200),
-        dict(name="minilm-16x-nopretrain-lr1e-4", compressor="encoder", memory_tokens=4, pretrain_steps=0,
-             compressor_learning_rate=1e-4, max_steps=1200),
-        dict(name="minilm-16x-nopretrain-lr3e-3", compressor="encoder", memory_tokens=4, pretrain_steps=0,
-             compressor_learning_rate=3e-3, max_steps=1200),
-        dict(name="minilm-8x-nopretrain-lr1e-3", compressor="encoder", memory_tokens=8, pretrain_steps=0,
-             compressor_learning_rate=1e-3, max_steps=1200),
-        dict(name="minilm-16x-pretrain800-lr1e-3", compressor="encoder", memory_tokens=4, pretrain_steps=800,
-             compressor_learning_rate=1e-3, max_steps=1200),
-        dict(name="minilm-16x-pretrain800-lr3e-4", compressor="encoder", memory_tokens=4, pretrain_steps=800,
-             compressor_learning_rate=3e-4, max_steps=1200),
-        dict(name="minilm-16x-pretrain300-lr1e-4", compressor="encoder", memory_tokens=4, pretrain_steps=300,
-             compressor_learning_rate=1e-4, max_steps=1200),
-        dict(name="minilm-16x+rerank-pretrain300-lr1e-4", compressor="encoder", memory_tokens=4, pretrain_steps=300,
-             compressor_learning_rate=1e-4, max_steps=1200, rerank=True),
+        _minilm_ablation(4, "1e-3", 0),
+        _minilm_ablation(4, "1e-4", 0),
+        _minilm_ablation(4, "3e-3", 0),
+        _minilm_ablation(8, "1e-3", 0),
+        _minilm_ablation(4, "1e-3", 800),
+        _minilm_ablation(4, "3e-4", 800),
+        _minilm_ablation(4, "1e-4", 300),
+        _minilm_ablation(4, "1e-4", 300, rerank=True),
     ],
 )
 
