@@ -1,6 +1,6 @@
 """Does the fast engine compute what transformers' `generate` computes? Logits and greedy tokens, both sides.
 
-    python benchmarks/check_fast_path.py --shape mistral-7b --compressor 8l --batch_size 4
+    python benchmarks/check_fast_path.py --shape mistral-7b --compressor 8l --batch_size 4 [--compile]
 
 Random weights of the real shape (no download). Prints, per side, the largest logit difference over the steps whose
 prefix is the same on both paths, relative to the logits' spread, and how many greedy tokens agree before the first
@@ -11,7 +11,12 @@ import torch
 
 from scaledown.evaluation import bench
 from scaledown.evaluation.evaluate import resolve_device, resolve_dtype, tokenize_text_prompts
-from scaledown.fast_generation import StaticGreedyGenerator, generate_compressed
+from scaledown.fast_generation import (
+    StaticGreedyGenerator,
+    compile_compressor,
+    compile_elementwise_blocks,
+    generate_compressed,
+)
 from scaledown.modeling_scaledown import text_prompt
 
 
@@ -52,25 +57,34 @@ def main() -> None:
                   output_scores=True, return_dict_in_generate=True)  # fmt: skip
 
     prompts = [text_prompt(tokenizer, q, docs, system_prompt) for q, docs in zip(questions, documents)]
-    inputs = tokenize_text_prompts(tokenizer, prompts, device)
-    with torch.no_grad():
-        plain = generator.generate(**inputs, **greedy)
-    tokens, scores = StaticGreedyGenerator(generator).generate(
-        **inputs, max_new_tokens=steps, pad_token_id=pad, return_scores=True
-    )
-    compare("uncompressed", tokens, scores, plain)
-    for name in names:
-        model = bench.build_random_scaledown(
+    text_inputs = tokenize_text_prompts(tokenizer, prompts, device)
+    models = {
+        name: bench.build_random_scaledown(
             name, generator, tokenizer, args.shape, protocol, device, dtype, args.attn_implementation
         )
-        batch = {k: v.to(device) for k, v in model.input_builder(questions, documents).items()}
-        with torch.no_grad():
-            plain = model.generate(**batch, **greedy)
-        tokens, scores = generate_compressed(
-            model, batch, StaticGreedyGenerator(model.generator), steps, stop_at_eos=False, return_scores=True
-        )
-        compare(name, tokens, scores, plain)
+        for name in names
+    }
+    batches = {
+        name: {k: v.to(device) for k, v in model.input_builder(questions, documents).items()}
+        for name, model in models.items()
+    }
+    with torch.no_grad():  # the reference: transformers' generate, eager, before anything is compiled
+        plain = {"uncompressed": generator.generate(**text_inputs, **greedy)}
+        plain.update({name: model.generate(**batches[name], **greedy) for name, model in models.items()})
+    if args.compile:
+        print(f"compiled {compile_elementwise_blocks(generator)} norm and MLP blocks of the generator")
+        for name, model in models.items():
+            print(f"{name}: compiled {compile_compressor(model)} of the compressor")
 
+    tokens, scores = StaticGreedyGenerator(generator).generate(
+        **text_inputs, max_new_tokens=steps, pad_token_id=pad, return_scores=True
+    )
+    compare("uncompressed", tokens, scores, plain["uncompressed"])
+    for name, model in models.items():
+        tokens, scores = generate_compressed(
+            model, batches[name], StaticGreedyGenerator(model.generator), steps, stop_at_eos=False, return_scores=True
+        )
+        compare(name, tokens, scores, plain[name])
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,7 @@ import torch
 from scaledown.evaluation import bench
 from scaledown.evaluation.evaluate import resolve_device, resolve_dtype, tokenize_text_prompts
 from scaledown.evaluation.flops import TransformerShape, detect_hardware, generator_phases
-from scaledown.fast_generation import StaticGreedyGenerator
+from scaledown.fast_generation import StaticGreedyGenerator, compile_elementwise_blocks
 from scaledown.modeling_scaledown import text_prompt
 
 
@@ -45,6 +45,8 @@ def main() -> None:
     hardware = detect_hardware(device, args.peak_tflops, args.peak_bandwidth_tbs)
     _, generator, tokenizer, system_prompt, _, _, protocol = bench._load_models(args, device, dtype, print)
     shape = TransformerShape.from_config(generator.config)
+    if args.compile:  # what the bench's --compile does to the generator
+        print(f"compiled {compile_elementwise_blocks(generator)} norm and MLP blocks", flush=True)
     batch_sizes = [int(b) for b in args.phase_batch_sizes.split(",")]
     questions, documents = bench.synthetic_requests(tokenizer, protocol, max(batch_sizes), seed=args.seed)
     engine = StaticGreedyGenerator(generator)
@@ -111,8 +113,8 @@ def main() -> None:
               f"{r['decode_ms']:.1f} ({fmt(r['decode_roofline_ms'])}) | {r['decode_ms_per_step']:.2f} | "
               f"{r['rest_ms']:.1f} |")  # fmt: skip
     os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, f"phase_times_{args.shape}.json"), "w") as handle:
-        json.dump({"device": bench._device_name(device), "protocol": str(protocol), "rows": rows}, handle, indent=1)
+    with open(os.path.join(args.output_dir, f"phase_times_{args.shape}{'_compiled' if args.compile else ''}.json"), "w") as handle:
+        json.dump({"device": bench._device_name(device), "protocol": str(protocol), "compile": args.compile, "rows": rows}, handle, indent=1)
 
 
 if __name__ == "__main__":

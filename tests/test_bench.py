@@ -270,18 +270,14 @@ def test_static_engine_bench_on_tiny_shapes(tmp_path):
     assert all(r["speedup"]["measured"] > 0 and r["compression_ms_per_query"] > 0 for r in compressed)
 
 
-def test_compile_compressor_flag_compiles_encoders_only(tmp_path, monkeypatch):
+def test_compile_flag_compiles_the_shared_generator_once_and_each_compressor(tmp_path, monkeypatch):
     compiled = []
-
-    def record(model):
-        compiled.append(model.config.compressor_type)
-        return model.config.uses_encoder_compressor
-
-    monkeypatch.setattr(bench, "compile_encoder_compressor", record)
+    monkeypatch.setattr(bench, "compile_elementwise_blocks", lambda module: compiled.append(type(module).__name__))
+    monkeypatch.setattr(bench, "compile_compressor", lambda model: compiled.append(model.config.compressor_type))
     argv = ["--shape", "tiny", "--compressor", "2l,modernbert-base", "--batch_sizes", "1", "--engine", "static",
             "--query_tokens", "8", "--document_tokens", "8", "--num_documents", "1", "--new_tokens", "2",
-            "--repeats", "1", "--warmup", "0", "--device", "cpu", "--compile_compressor", "--output_dir", str(tmp_path)]  # fmt: skip
+            "--repeats", "1", "--warmup", "0", "--device", "cpu", "--compile", "--output_dir", str(tmp_path)]  # fmt: skip
     assert bench.main(argv) == 0
-    assert compiled == ["n_layers", "encoder"]  # asked for each; compile_encoder_compressor decides
+    assert compiled[1:] == ["n_layers", "encoder"] and compiled[0].endswith("ForCausalLM")
     report = json.loads((tmp_path / "bench_tiny_2l-modernbert-base_static_compiled.json").read_text())
-    assert report["settings"]["compile_compressor"] is True
+    assert report["settings"]["compile"] is True

@@ -104,16 +104,34 @@ def test_grouped_decode_attention_equals_repeated_heads():
     torch.testing.assert_close(grouped, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_compiled_encoder_compressor_gives_the_same_vectors(make_model, modernbert_dir):
-    from scaledown.fast_generation import compile_encoder_compressor
+@pytest.mark.parametrize("compressor", ["n_layers", "modernbert"])
+def test_compiled_compressor_gives_the_same_vectors(make_model, modernbert_dir, compressor):
+    from scaledown.fast_generation import compile_compressor
 
-    model = make_model(compressor_type="modernbert", compressor_name_or_path=modernbert_dir, enable_reranking=True)
+    if compressor == "modernbert":
+        model = make_model(compressor_type="modernbert", compressor_name_or_path=modernbert_dir, enable_reranking=True)
+    else:
+        model = make_model(enable_reranking=True)
     eager = model.compress(QUESTIONS[:2], DOCUMENTS[:2])
     names = list(model.state_dict())
-    assert compile_encoder_compressor(model)
+    what = compile_compressor(model)
+    assert what == ("the whole encoder" if compressor == "modernbert" else "6 norm and MLP blocks")  # 2 layers, no final norm
     compiled = model.compress(QUESTIONS[:2], DOCUMENTS[:2])
     assert list(model.state_dict()) == names  # checkpoints saved after compiling load as before
     for field in ("embeddings", "rerank_scores"):
         for before, after in zip(getattr(eager, field), getattr(compiled, field)):
             torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
-    assert not compile_encoder_compressor(make_model())  # N-layers compressors stay eager
+
+
+def test_compiled_generator_blocks_decode_the_same_tokens(make_model):
+    from scaledown.fast_generation import compile_elementwise_blocks
+
+    model = make_model()
+    batch = model.input_builder(QUESTIONS, DOCUMENTS)
+    engine = StaticGreedyGenerator(model.generator)
+    eager, eager_scores = generate_compressed(model, batch, engine, max_new_tokens=6, return_scores=True)
+    layers = model.generator.config.num_hidden_layers
+    assert compile_elementwise_blocks(model.generator) == 3 * layers + 1  # two norms and an MLP a layer, final norm
+    compiled, compiled_scores = generate_compressed(model, batch, engine, max_new_tokens=6, return_scores=True)
+    assert torch.equal(compiled, eager)
+    torch.testing.assert_close(compiled_scores, eager_scores, rtol=1e-4, atol=1e-4)
