@@ -14,7 +14,7 @@ from scaledown.evaluation.evaluate import resolve_device, resolve_dtype, tokeniz
 from scaledown.fast_generation import (
     StaticGreedyGenerator,
     compile_compressor,
-    compile_elementwise_blocks,
+    compile_elementwise_work,
     generate_compressed,
 )
 from scaledown.modeling_scaledown import text_prompt
@@ -72,9 +72,9 @@ def main() -> None:
         plain = {"uncompressed": generator.generate(**text_inputs, **greedy)}
         plain.update({name: model.generate(**batches[name], **greedy) for name, model in models.items()})
     if args.compile:
-        print(f"compiled {compile_elementwise_blocks(generator)} norm and MLP blocks of the generator")
+        print(f"generator: compiled {compile_elementwise_work(generator)}")
         for name, model in models.items():
-            print(f"{name}: compiled {compile_compressor(model)} of the compressor")
+            print(f"{name} compressor: compiled {compile_compressor(model)}")
 
     tokens, scores = StaticGreedyGenerator(generator).generate(
         **text_inputs, max_new_tokens=steps, pad_token_id=pad, return_scores=True

@@ -15,7 +15,7 @@ import torch
 from scaledown.evaluation import bench
 from scaledown.evaluation.evaluate import resolve_device, resolve_dtype, tokenize_text_prompts
 from scaledown.evaluation.flops import TransformerShape, detect_hardware, generator_phases
-from scaledown.fast_generation import StaticGreedyGenerator, compile_elementwise_blocks
+from scaledown.fast_generation import StaticGreedyGenerator, compile_elementwise_work
 from scaledown.modeling_scaledown import text_prompt
 
 
@@ -46,7 +46,7 @@ def main() -> None:
     _, generator, tokenizer, system_prompt, _, _, protocol = bench._load_models(args, device, dtype, print)
     shape = TransformerShape.from_config(generator.config)
     if args.compile:  # what the bench's --compile does to the generator
-        print(f"compiled {compile_elementwise_blocks(generator)} norm and MLP blocks", flush=True)
+        print(f"compiled {compile_elementwise_work(generator)}", flush=True)
     batch_sizes = [int(b) for b in args.phase_batch_sizes.split(",")]
     questions, documents = bench.synthetic_requests(tokenizer, protocol, max(batch_sizes), seed=args.seed)
     engine = StaticGreedyGenerator(generator)

@@ -13,6 +13,7 @@ transformers 4.57 and 5 passes through unchanged; a left-padded prompt keeps its
 """
 
 import contextlib
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -291,33 +292,50 @@ def compress_sharing_queries(
 
 
 ELEMENTWISE_BLOCKS = ("RMSNorm", "MLP")  # class-name endings of transformers' decoder norms and feed-forwards
+ROTARY_FUNCTION = "apply_rotary_pos_emb"  # what a Llama-family attention calls, by name, from its modeling file
 
 
-def compile_elementwise_blocks(module: torch.nn.Module) -> int:
-    """torch.compile in place the norms and MLPs of a Llama-family decoder (weight names unchanged); how many.
+def compile_elementwise_work(module: torch.nn.Module) -> str:
+    """torch.compile in place the element-wise work of a Llama-family decoder; says what was compiled.
 
-    Eager mode runs an RMSNorm as about eight kernels (casts, power, mean, rsqrt, products) and the MLP's activation
-    and product as two, each a full pass over the activations; compiled, each is one pass. That is about a tenth of
-    a long prefill and, at batch 1, hundreds of tiny kernels per decode step. Attention stays eager: its KV-cache
-    update reads the layer's index, which torch.compile treats as a constant, so a compiled attention (or decoder
-    layer) would compile once per layer. Instances of a class share one compilation.
+    Eager mode runs an RMSNorm as about eight kernels (casts, power, mean, rsqrt, products), the MLP's activation and
+    product as two, and the rotary embedding of queries and keys as about ten (products, halves negated and
+    concatenated, sums), each a full pass over the activations; compiled, each is one pass. Measured on an H100
+    (NOTES.md) that is a sixth of a long prefill and, at batch 1, hundreds of tiny kernels per decode step.
+
+    - Norm and MLP modules compile in place (weight names unchanged); instances of a class share one compilation.
+    - The rotary function is module-level code in transformers' modeling file, looked up by name at each call, so
+      it is replaced there by its compiled form: every model of that family in this process gets it (same values).
+    - Attention stays eager: its KV-cache update reads the layer's index, which torch.compile treats as a
+      constant, so a compiled attention (or decoder layer) would compile once per layer.
     """
     blocks = [block for block in module.modules() if type(block).__name__.endswith(ELEMENTWISE_BLOCKS)]
     for block in blocks:
         block.compile()
-    return len(blocks)
+    families = {
+        sys.modules[type(block).__module__]
+        for block in module.modules()
+        if type(block).__name__.endswith("Attention") and hasattr(sys.modules[type(block).__module__], ROTARY_FUNCTION)
+    }
+    for family in families:
+        rotary = getattr(family, ROTARY_FUNCTION)
+        if not hasattr(rotary, "_torchdynamo_orig_callable"):  # compiled once per process
+            setattr(family, ROTARY_FUNCTION, torch.compile(rotary))
+    names = sorted(family.__name__.rsplit(".", 1)[-1] for family in families)
+    return f"{len(blocks)} norm and MLP blocks, rotary embedding of {', '.join(names) or 'none'}"
 
 
 def compile_compressor(model) -> str:
     """torch.compile ScaleDown's compressor in place for serving; says what was compiled.
 
     An encoder (ModernBERT: norms, GeGLU, rotary embeddings and masks between small matrix products) compiles whole;
-    an N-layers compressor runs through the query-sharing path with a KV cache, so only its norms and MLPs compile.
+    an N-layers compressor runs through the query-sharing path with a KV cache, so it gets
+    `compile_elementwise_work`.
     """
     if model.config.uses_encoder_compressor:
         model.compressor.compile()
         return "the whole encoder"
-    return f"{compile_elementwise_blocks(model.compressor)} norm and MLP blocks"
+    return compile_elementwise_work(model.compressor)
 
 
 def compress_batch(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -272,7 +272,7 @@ def test_static_engine_bench_on_tiny_shapes(tmp_path):
 
 def test_compile_flag_compiles_the_shared_generator_once_and_each_compressor(tmp_path, monkeypatch):
     compiled = []
-    monkeypatch.setattr(bench, "compile_elementwise_blocks", lambda module: compiled.append(type(module).__name__))
+    monkeypatch.setattr(bench, "compile_elementwise_work", lambda module: compiled.append(type(module).__name__))
     monkeypatch.setattr(bench, "compile_compressor", lambda model: compiled.append(model.config.compressor_type))
     argv = ["--shape", "tiny", "--compressor", "2l,modernbert-base", "--batch_sizes", "1", "--engine", "static",
             "--query_tokens", "8", "--document_tokens", "8", "--num_documents", "1", "--new_tokens", "2",

@@ -104,8 +104,19 @@ def test_grouped_decode_attention_equals_repeated_heads():
     torch.testing.assert_close(grouped, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.fixture
+def restore_rotary(monkeypatch):
+    """Compiling replaces Llama's module-level rotary function for the whole process: put it back afterwards."""
+    from transformers.models.llama import modeling_llama
+
+    from scaledown.fast_generation import ROTARY_FUNCTION
+
+    monkeypatch.setattr(modeling_llama, ROTARY_FUNCTION, getattr(modeling_llama, ROTARY_FUNCTION))
+    return modeling_llama
+
+
 @pytest.mark.parametrize("compressor", ["n_layers", "modernbert"])
-def test_compiled_compressor_gives_the_same_vectors(make_model, modernbert_dir, compressor):
+def test_compiled_compressor_gives_the_same_vectors(make_model, modernbert_dir, restore_rotary, compressor):
     from scaledown.fast_generation import compile_compressor
 
     if compressor == "modernbert":
@@ -115,7 +126,10 @@ def test_compiled_compressor_gives_the_same_vectors(make_model, modernbert_dir, 
     eager = model.compress(QUESTIONS[:2], DOCUMENTS[:2])
     names = list(model.state_dict())
     what = compile_compressor(model)
-    assert what == ("the whole encoder" if compressor == "modernbert" else "6 norm and MLP blocks")  # 2 layers, no final norm
+    if compressor == "modernbert":
+        assert what == "the whole encoder"
+    else:  # 2 layers, no final norm
+        assert what == "6 norm and MLP blocks, rotary embedding of modeling_llama"
     compiled = model.compress(QUESTIONS[:2], DOCUMENTS[:2])
     assert list(model.state_dict()) == names  # checkpoints saved after compiling load as before
     for field in ("embeddings", "rerank_scores"):
@@ -123,15 +137,19 @@ def test_compiled_compressor_gives_the_same_vectors(make_model, modernbert_dir, 
             torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
 
 
-def test_compiled_generator_blocks_decode_the_same_tokens(make_model):
-    from scaledown.fast_generation import compile_elementwise_blocks
+def test_compiled_generator_decodes_the_same_tokens(make_model, restore_rotary):
+    from scaledown.fast_generation import ROTARY_FUNCTION, compile_elementwise_work
 
     model = make_model()
     batch = model.input_builder(QUESTIONS, DOCUMENTS)
     engine = StaticGreedyGenerator(model.generator)
     eager, eager_scores = generate_compressed(model, batch, engine, max_new_tokens=6, return_scores=True)
-    layers = model.generator.config.num_hidden_layers
-    assert compile_elementwise_blocks(model.generator) == 3 * layers + 1  # two norms and an MLP a layer, final norm
+    blocks = 3 * model.generator.config.num_hidden_layers + 1  # two norms and an MLP a layer, the final norm
+    assert compile_elementwise_work(model.generator) == f"{blocks} norm and MLP blocks, rotary embedding of modeling_llama"
+    rotary = getattr(restore_rotary, ROTARY_FUNCTION)
+    assert hasattr(rotary, "_torchdynamo_orig_callable")
+    compile_elementwise_work(model.generator)  # a second call does not wrap the compiled rotary again
+    assert getattr(restore_rotary, ROTARY_FUNCTION) is rotary
     compiled, compiled_scores = generate_compressed(model, batch, engine, max_new_tokens=6, return_scores=True)
     assert torch.equal(compiled, eager)
     torch.testing.assert_close(compiled_scores, eager_scores, rtol=1e-4, atol=1e-4)

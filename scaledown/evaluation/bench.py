@@ -38,7 +38,7 @@ from ..configuration_scaledown import DEFAULT_SYSTEM_PROMPT, ScaleDownConfig
 from ..fast_generation import (
     StaticGreedyGenerator,
     compile_compressor,
-    compile_elementwise_blocks,
+    compile_elementwise_work,
     compress_batch,
     generate_compressed,
 )
@@ -833,7 +833,7 @@ def run(args: argparse.Namespace) -> dict:
     )
 
     if args.compile:  # the generator is shared, so both sides run the same compiled blocks
-        log(f"generator: compiled {compile_elementwise_blocks(generator)} norm and MLP blocks (warm-up runs compile)")
+        log(f"generator: compiled {compile_elementwise_work(generator)} (warm-up runs compile)")
     # The uncompressed side runs first with only the generator in memory (a checkpoint's compressor waits on the CPU),
     # so that its peak memory and largest batch are not charged for weights it does not use.
     if model is not None:
@@ -856,7 +856,7 @@ def run(args: argparse.Namespace) -> dict:
         else:
             scaledown = model
         if args.compile:
-            log(f"{name}: compiled {compile_compressor(scaledown)} of the compressor")
+            log(f"{name} compressor: compiled {compile_compressor(scaledown)}")
         compressed = bench_side(CompressedSide(name, scaledown, protocol, dtype_bytes, args.engine), **run_side)
         for label, record in compressed.items():
             if "error" not in record and "error" not in uncompressed[label]:
