@@ -1,11 +1,15 @@
 """Does the fast engine compute what transformers' `generate` computes? Logits and greedy tokens, both sides.
 
-    python benchmarks/check_fast_path.py --shape mistral-7b --compressor 8l --batch_size 4 [--compile]
+    python benchmarks/check_fast_path.py --shape mistral-7b --compressor 8l --batch_size 4 [--compile] [--float32_reference]
 
-Random weights of the real shape (no download). Prints, per side, the largest logit difference over the steps whose
-prefix is the same on both paths, relative to the logits' spread, and how many greedy tokens agree before the first
-divergence (bf16 kernels differ in summation order, so late divergences between near-tied logits are expected).
+Random weights of the real shape (no download). Prints, per side, the largest and mean logit difference over the
+steps whose prefix is the same on both paths, and how many greedy tokens agree before the first divergence (bf16
+kernels differ in summation order, so divergences between near-tied logits are expected). With --float32_reference
+both paths are also compared with the plain path on float32 weights: the fast path is within bf16 tolerance when its
+distance from float32 is that of plain bf16.
 """
+
+from copy import deepcopy
 
 import torch
 
@@ -20,33 +24,54 @@ from scaledown.fast_generation import (
 from scaledown.modeling_scaledown import text_prompt
 
 
-def agreement(fast: torch.Tensor, plain: torch.Tensor) -> float:
+def agreement(tokens: torch.Tensor, reference: torch.Tensor) -> float:
     """Mean fraction of each row's tokens that agree before its first divergence."""
-    same = (fast[:, : plain.shape[1]] == plain).cumprod(-1)
+    same = (tokens[:, : reference.shape[1]] == reference).cumprod(-1)
     return same.float().mean().item()
 
 
-def compare(name, fast_tokens, fast_scores, plain) -> dict:
+def plain_outputs(output) -> tuple[torch.Tensor, torch.Tensor]:
+    """`generate`'s new tokens `(batch, steps)` and float32 logits `(batch, steps, vocab)`."""
+    return output.sequences[:, -len(output.scores) :], torch.stack(output.scores, 1).float()
+
+
+def compare(name: str, tokens, scores, reference_tokens, reference_scores) -> dict:
     """Logits are compared at every step whose prefix is the same on both paths (up to and including the step of a
     row's first divergence), so decode steps are judged too, not only the prefill's first token."""
-    plain_scores = torch.stack(plain.scores, 1).float()  # (batch, steps, vocab); min_new_tokens set EOS to -inf
-    new = plain.sequences[:, -len(plain.scores) :]
-    same = (fast_tokens[:, : new.shape[1]] == new).long()
+    steps = reference_scores.shape[1]
+    same = (tokens[:, :steps] == reference_tokens).long()
     same_prefix = torch.cat([torch.ones_like(same[:, :1]), same[:, :-1]], 1).cumprod(-1).bool()  # (batch, steps)
-    finite = torch.isfinite(plain_scores) & same_prefix[..., None]
-    difference = (fast_scores[:, : plain_scores.shape[1]] - plain_scores)[finite].abs().max().item()
-    spread = plain_scores[finite].std().item()
-    row = {"side": name, "max_abs_logit_diff": difference, "logit_std": spread, "relative": difference / spread,
-           "steps_compared": int(same_prefix.sum()), "greedy_agreement": agreement(fast_tokens, new)}  # fmt: skip
-    print(f"{name:>12}: max |dlogit| {difference:.4f} over {row['steps_compared']} steps with equal prefixes "
-          f"(logit std {spread:.3f}, relative {difference / spread:.4f}); greedy tokens agreeing before the first "
-          f"divergence: {row['greedy_agreement']:.3f}")  # fmt: skip
+    compared = torch.isfinite(reference_scores) & same_prefix[..., None]  # min_new_tokens set EOS to -inf
+    difference = (scores[:, :steps].float() - reference_scores)[compared].abs()
+    spread = reference_scores[compared].std().item()
+    row = {"side": name, "max_abs_logit_diff": difference.max().item(), "mean_abs_logit_diff": difference.mean().item(),
+           "logit_std": spread, "steps_compared": int(same_prefix.sum()),
+           "greedy_agreement": agreement(tokens, reference_tokens)}  # fmt: skip
+    print(f"{name:>32}: |dlogit| max {row['max_abs_logit_diff']:.4f} mean {row['mean_abs_logit_diff']:.5f} over "
+          f"{row['steps_compared']} steps with equal prefixes (logit std {spread:.3f}); greedy tokens agreeing "
+          f"before the first divergence: {row['greedy_agreement']:.3f}", flush=True)  # fmt: skip
     return row
+
+
+def float32_reference(module, generate) -> tuple[torch.Tensor, torch.Tensor]:
+    """`generate` run on a float32 copy of `module` (made and freed here): what bf16 rounding is measured against."""
+    copy = deepcopy(module).float()
+    with torch.no_grad():
+        output = plain_outputs(generate(copy))
+    del copy
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return output
 
 
 def main() -> None:
     parser = bench.build_parser()
     parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument(
+        "--float32_reference",
+        action="store_true",
+        help="also compare both paths with the plain path on float32 copies of the weights: the size of bf16 rounding",
+    )
     args = parser.parse_args()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -68,23 +93,35 @@ def main() -> None:
         name: {k: v.to(device) for k, v in model.input_builder(questions, documents).items()}
         for name, model in models.items()
     }
+    run_plain = {"uncompressed": (generator, lambda module: module.generate(**text_inputs, **greedy))}
+    run_plain.update({name: (model, lambda module, name=name: module.generate(**batches[name], **greedy))
+                      for name, model in models.items()})  # fmt: skip
     with torch.no_grad():  # the reference: transformers' generate, eager, before anything is compiled
-        plain = {"uncompressed": generator.generate(**text_inputs, **greedy)}
-        plain.update({name: model.generate(**batches[name], **greedy) for name, model in models.items()})
+        plain = {name: plain_outputs(generate(module)) for name, (module, generate) in run_plain.items()}
+    float32 = {}
+    if args.float32_reference:
+        float32 = {name: float32_reference(module, generate) for name, (module, generate) in run_plain.items()}
     if args.compile:
         print(f"generator: compiled {compile_elementwise_work(generator)}")
         for name, model in models.items():
             print(f"{name} compressor: compiled {compile_compressor(model)}")
 
-    tokens, scores = StaticGreedyGenerator(generator).generate(
-        **text_inputs, max_new_tokens=steps, pad_token_id=pad, return_scores=True
-    )
-    compare("uncompressed", tokens, scores, plain["uncompressed"])
+    fast = {
+        "uncompressed": StaticGreedyGenerator(generator).generate(
+            **text_inputs, max_new_tokens=steps, pad_token_id=pad, return_scores=True
+        )
+    }
     for name, model in models.items():
-        tokens, scores = generate_compressed(
+        fast[name] = generate_compressed(
             model, batches[name], StaticGreedyGenerator(model.generator), steps, stop_at_eos=False, return_scores=True
         )
-        compare(name, tokens, scores, plain[name])
+    engine = "fast path" + (" (compiled)" if args.compile else "")
+    for name in run_plain:
+        print(f"== {name}")
+        compare(f"{engine} vs plain bf16", *fast[name], *plain[name])
+        if name in float32:
+            compare("plain bf16 vs plain float32", *plain[name], *float32[name])
+            compare(f"{engine} vs plain float32", *fast[name], *float32[name])
 
 if __name__ == "__main__":
     main()
