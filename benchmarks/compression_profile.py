@@ -1,0 +1,85 @@
+"""How fast an encoder compressor compresses, eager and compiled in several ways, with the kernels that take the time.
+
+    python benchmarks/compression_profile.py --shape mistral-7b --compressor modernbert-base --batch_size 64
+
+Random weights of the real shapes, the bench's protocol (10 documents a query). For each variant: the first call
+(compilation included), the median ms per query, and torch.profiler's top kernels. The variants:
+
+- eager: SDPA picks its kernel (cuDNN on an H100);
+- compiled / compiled-max-autotune: the whole encoder compiled (what `scaledown-bench --compile` does) / with
+  inductor's matmul autotuning (mode "max-autotune-no-cudagraphs");
+- eager-efficient / eager-no-cudnn: SDPA limited to the memory-efficient kernel / to everything but cuDNN;
+- compiled-efficient: the whole encoder compiled, SDPA limited to the memory-efficient kernel;
+- compiled-blocks: each of the encoder's blocks (`_no_split_modules`) compiled, the masks built eagerly.
+
+NOTES.md holds the H100 numbers.
+"""
+
+import contextlib
+import sys
+import time
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from scaledown.evaluation import bench
+from scaledown.evaluation.evaluate import resolve_device, resolve_dtype
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from phase_times import median_ms, print_top_kernels  # noqa: E402
+
+BACKENDS = {  # variant -> the SDPA kernels it may use (None: SDPA's own choice)
+    "eager": None,
+    "compiled": None,
+    "compiled-max-autotune": None,
+    "eager-efficient": [SDPBackend.EFFICIENT_ATTENTION],
+    "eager-no-cudnn": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+    "compiled-efficient": [SDPBackend.EFFICIENT_ATTENTION],
+    "compiled-blocks": None,
+}
+
+
+def main() -> None:
+    parser = bench.build_parser()
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--variants", default=",".join(BACKENDS), help=f"comma-separated, from {list(BACKENDS)}")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    _, generator, tokenizer, _, _, names, protocol = bench._load_models(args, device, dtype, print)
+    questions, documents = bench.synthetic_requests(tokenizer, protocol, args.batch_size, seed=args.seed)
+    for variant in args.variants.split(","):
+        backends = BACKENDS[variant]
+        torch.manual_seed(args.seed)
+        model = bench.build_random_scaledown(
+            names[0], generator, tokenizer, args.shape, protocol, device, dtype, args.attn_implementation
+        )
+        side = bench.CompressedSide(names[0], model, protocol, torch.finfo(dtype).bits // 8, "static")
+        batch = side.prepare(questions, documents, device)
+        if variant in ("compiled", "compiled-efficient"):
+            model.compressor.compile()
+        elif variant == "compiled-max-autotune":
+            model.compressor.compile(mode="max-autotune-no-cudagraphs")
+        elif variant == "compiled-blocks":
+            blocks = set(model.compressor._no_split_modules or [])
+            for block in model.compressor.modules():
+                if type(block).__name__ in blocks:
+                    block.compile()
+
+        def compress(side=side, batch=batch, backends=backends):
+            with sdpa_kernel(backends) if backends else contextlib.nullcontext():
+                return side.compress(batch)
+
+        try:
+            start = time.perf_counter()
+            compress()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            print(f"{variant} first call s {time.perf_counter() - start:.1f}", flush=True)
+            print(f"{variant} {median_ms(compress, device, args.repeats) / args.batch_size:.3f} ms/q", flush=True)
+            print_top_kernels(variant, compress, rows=12)
+        except RuntimeError as error:  # an SDPA kernel this device lacks (the CPU has only the math one)
+            print(f"{variant} not available here: {str(error).splitlines()[0]}", flush=True)
+
+if __name__ == "__main__":
+    main()
