@@ -293,6 +293,7 @@ def compress_sharing_queries(
 
 ELEMENTWISE_BLOCKS = ("RMSNorm", "MLP")  # class-name endings of transformers' decoder norms and feed-forwards
 ROTARY_FUNCTION = "apply_rotary_pos_emb"  # what a Llama-family attention calls, by name, from its modeling file
+_compiled_rotary = {}  # modeling file's name -> its rotary function compiled (one compilation per process)
 
 
 def compile_elementwise_work(module: torch.nn.Module) -> str:
@@ -301,7 +302,7 @@ def compile_elementwise_work(module: torch.nn.Module) -> str:
     Eager mode runs an RMSNorm as about eight kernels (casts, power, mean, rsqrt, products), the MLP's activation and
     product as two, and the rotary embedding of queries and keys as about ten (products, halves negated and
     concatenated, sums), each a full pass over the activations; compiled, each is one pass. Measured on an H100
-    (NOTES.md) that is a sixth of a long prefill and, at batch 1, hundreds of tiny kernels per decode step.
+    (NOTES.md): a fifth of a long prefill, and at batch 1 hundreds of tiny kernels a decode step.
 
     - Norm and MLP modules compile in place (weight names unchanged); instances of a class share one compilation.
     - The rotary function is module-level code in transformers' modeling file, looked up by name at each call, so
@@ -318,9 +319,9 @@ def compile_elementwise_work(module: torch.nn.Module) -> str:
         if type(block).__name__.endswith("Attention") and hasattr(sys.modules[type(block).__module__], ROTARY_FUNCTION)
     }
     for family in families:
-        rotary = getattr(family, ROTARY_FUNCTION)
-        if not hasattr(rotary, "_torchdynamo_orig_callable"):  # compiled once per process
-            setattr(family, ROTARY_FUNCTION, torch.compile(rotary))
+        if family.__name__ not in _compiled_rotary:
+            _compiled_rotary[family.__name__] = torch.compile(getattr(family, ROTARY_FUNCTION))
+        setattr(family, ROTARY_FUNCTION, _compiled_rotary[family.__name__])
     names = sorted(family.__name__.rsplit(".", 1)[-1] for family in families)
     return f"{len(blocks)} norm and MLP blocks, rotary embedding of {', '.join(names) or 'none'}"
 

@@ -688,7 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the generator's norms and MLPs (both sides) and each compressor (an encoder whole)",
+        help="torch.compile the generator's norms, MLPs and rotary embedding (both sides) and each compressor",
     )
     parser.add_argument("--peak_tflops", type=float, default=None, help="override the detected dense bf16 peak")
     parser.add_argument("--peak_bandwidth_tbs", type=float, default=None, help="override the detected memory bandwidth")
