@@ -89,6 +89,8 @@ def main() -> None:
         )
         for name in names
     }
+    for model in models.values():
+        bench.set_encoder_attention(model, args.encoder_attn_implementation)
     batches = {
         name: {k: v.to(device) for k, v in model.input_builder(questions, documents).items()}
         for name, model in models.items()

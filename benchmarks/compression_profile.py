@@ -54,6 +54,7 @@ def main() -> None:
         model = bench.build_random_scaledown(
             names[0], generator, tokenizer, args.shape, protocol, device, dtype, args.attn_implementation
         )
+        bench.set_encoder_attention(model, args.encoder_attn_implementation)
         side = bench.CompressedSide(names[0], model, protocol, torch.finfo(dtype).bits // 8, "static")
         batch = side.prepare(questions, documents, device)
         if variant in ("compiled", "compiled-efficient"):

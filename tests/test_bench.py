@@ -281,3 +281,25 @@ def test_compile_flag_compiles_the_shared_generator_once_and_each_compressor(tmp
     assert compiled[1:] == ["n_layers", "encoder"] and compiled[0].endswith("ForCausalLM")
     report = json.loads((tmp_path / "bench_tiny_2l-modernbert-base_static_compiled.json").read_text())
     assert report["settings"]["compile"] is True
+
+
+def test_encoder_attention_flag_reaches_encoder_compressors_only(tmp_path):
+    argv = ["--shape", "tiny", "--compressor", "2l,modernbert-base", "--batch_sizes", "1", "--engine", "static",
+            "--query_tokens", "8", "--document_tokens", "8", "--num_documents", "1", "--new_tokens", "2",
+            "--repeats", "1", "--warmup", "0", "--device", "cpu", "--encoder_attn_implementation", "eager",
+            "--output_dir", str(tmp_path)]  # fmt: skip
+    assert bench.main(argv) == 0
+    report = json.loads((tmp_path / "bench_tiny_2l-modernbert-base_static_encoder-eager.json").read_text())
+    assert report["settings"]["encoder_attn_implementation"] == "eager"
+    assert report["settings"]["attn_implementation"] == "sdpa"
+
+
+def test_set_encoder_attention_leaves_generator_and_n_layers_alone(make_model, modernbert_dir):
+    encoder = make_model(compressor_type="modernbert", compressor_name_or_path=modernbert_dir)
+    bench.set_encoder_attention(encoder, "eager")
+    assert encoder.compressor.config._attn_implementation == "eager"
+    assert encoder.generator.config._attn_implementation == "sdpa"
+    n_layers = make_model()
+    before = n_layers.compressor.config._attn_implementation
+    bench.set_encoder_attention(n_layers, "eager")
+    assert n_layers.compressor.config._attn_implementation == before

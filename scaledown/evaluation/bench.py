@@ -194,6 +194,13 @@ def _random_model(auto_class, config, device: torch.device, dtype: torch.dtype):
     return model.to(device).eval()
 
 
+def set_encoder_attention(model: ScaleDownForCausalLM, implementation: str | None) -> None:
+    """Give an encoder compressor its own attention implementation (None: keep it). The generator, and an N-layers
+    compressor that shares its code paths, keep theirs."""
+    if implementation and model.config.uses_encoder_compressor:
+        model.compressor.set_attn_implementation(implementation)
+
+
 def compressor_layers(name: str) -> int | None:
     """'8l' -> 8 (an N-layers compressor); None for an encoder name."""
     if name.lower().endswith("l") and name[:-1].isdigit():
@@ -680,6 +687,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     parser.add_argument("--attn_implementation", default="sdpa")
     parser.add_argument(
+        "--encoder_attn_implementation",
+        default=None,
+        help="attention of an encoder compressor (e.g. flex_attention) if not --attn_implementation's; "
+        "N-layers compressors keep the generator's",
+    )
+    parser.add_argument(
         "--engine",
         default="generate",
         choices=["generate", "static"],
@@ -733,6 +746,7 @@ def _settings(
         "device": _device_name(device),
         "dtype": str(dtype).removeprefix("torch."),
         "attn_implementation": args.attn_implementation,
+        "encoder_attn_implementation": args.encoder_attn_implementation or args.attn_implementation,
         "engine": {
             "generate": "transformers generate (greedy, min_new_tokens = max_new_tokens)",
             "static": "scaledown.fast_generation (greedy, static KV cache, CUDA-graph decode, no EOS stop)",
@@ -820,6 +834,7 @@ def run(args: argparse.Namespace) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
     stem = f"bench_{'checkpoint' if args.checkpoint else args.shape}_{'-'.join(compressor_names)}_{args.engine}"
     stem += "_compiled" if args.compile else ""
+    stem += f"_encoder-{args.encoder_attn_implementation}" if args.encoder_attn_implementation else ""
     json_path, png_path = (os.path.join(args.output_dir, f"{stem}.{ext}") for ext in ("json", "png"))
     run_side = dict(
         requests=requests,
@@ -855,6 +870,7 @@ def run(args: argparse.Namespace) -> dict:
             )
         else:
             scaledown = model
+        set_encoder_attention(scaledown, args.encoder_attn_implementation)
         if args.compile:
             log(f"{name} compressor: compiled {compile_compressor(scaledown)}")
         compressed = bench_side(CompressedSide(name, scaledown, protocol, dtype_bytes, args.engine), **run_side)
