@@ -58,9 +58,9 @@ def float32_reference(module, generate) -> tuple[torch.Tensor, torch.Tensor]:
     copy = deepcopy(module).float()
     with torch.no_grad():
         output = plain_outputs(generate(copy))
+    device = copy.device
     del copy
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    bench._free_memory(device)
     return output
 
 

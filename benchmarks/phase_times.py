@@ -113,8 +113,10 @@ def main() -> None:
               f"{r['decode_ms']:.1f} ({fmt(r['decode_roofline_ms'])}) | {r['decode_ms_per_step']:.2f} | "
               f"{r['rest_ms']:.1f} |")  # fmt: skip
     os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, f"phase_times_{args.shape}{'_compiled' if args.compile else ''}.json"), "w") as handle:
-        json.dump({"device": bench._device_name(device), "protocol": str(protocol), "compile": args.compile, "rows": rows}, handle, indent=1)
+    path = os.path.join(args.output_dir, f"phase_times_{args.shape}{'_compiled' if args.compile else ''}.json")
+    report = {"device": bench._device_name(device), "protocol": str(protocol), "compile": args.compile, "rows": rows}
+    with open(path, "w") as handle:
+        json.dump(report, handle, indent=1)
 
 
 if __name__ == "__main__":
