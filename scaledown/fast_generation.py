@@ -22,9 +22,33 @@ from transformers import AttentionInterface, StaticCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 GROUPED_DECODE_ATTENTION = "scaledown_grouped_decode_sdpa"
+# How a decode step's grouped attention is computed: "sdpa" lets PyTorch pick (cuDNN on an H100), the next three force
+# one SDPA backend, "matmul" is two batched matrix products around a float32 softmax. `benchmarks/decode_attention.py`
+# times them at the bench's shapes; DECODE_ATTENTION_KERNEL is the measured choice.
+DECODE_ATTENTION_KERNELS = ("sdpa", "cudnn", "efficient", "math", "matmul")
+DECODE_ATTENTION_KERNEL = "sdpa"
 
 
-def grouped_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+def _grouped_attention(query, key, value, allowed, scaling, kernel):
+    """query `(batch, kv_heads, group, head_dim)` against key/value `(batch, kv_heads, slots, head_dim)`."""
+    if kernel == "matmul":
+        scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (batch, kv_heads, group, slots)
+        weights = scores.float().masked_fill(~allowed, float("-inf")).softmax(-1).to(value.dtype)
+        return torch.matmul(weights, value)
+    if kernel == "sdpa":
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}.get(kernel)
+    if kernel != "math" and backend is None:
+        raise ValueError(f"Unknown decode attention kernel {kernel!r}; choose one of {DECODE_ATTENTION_KERNELS}.")
+    with sdpa_kernel(backend if backend is not None else SDPBackend.MATH):
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling)
+
+
+def grouped_decode_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, kernel=None, **kwargs
+):
     """SDPA for one-token decoding under a mask without copying keys and values for every query head.
 
     With a mask, transformers' SDPA path repeats grouped key/value heads to the query heads' count (SDPA's own GQA
@@ -32,13 +56,15 @@ def grouped_decode_attention(module, query, key, value, attention_mask, dropout=
     the heads of a group can instead be laid out as the group's query positions: same scores, no copy.
     query: `(batch, heads, 1, head_dim)`; key, value: `(batch, kv_heads, slots, head_dim)`; attention_mask a
     `(batch, 1, 1, slots)` boolean. Returns `(batch, 1, heads, head_dim)` as transformers' attention functions do.
+    `kernel` (one of DECODE_ATTENTION_KERNELS) defaults to DECODE_ATTENTION_KERNEL.
     """
     batch, heads, query_len, head_dim = query.shape
     kv_heads = key.shape[1]
     if query_len != 1 or kv_heads == heads or attention_mask is None or attention_mask.dtype != torch.bool:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    scaling = head_dim**-0.5 if scaling is None else scaling
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)  # head h belongs to group h // (heads/kv)
-    output = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
+    output = _grouped_attention(grouped, key, value, attention_mask, scaling, kernel or DECODE_ATTENTION_KERNEL)
     return output.reshape(batch, 1, heads, head_dim), None
 
 

@@ -104,6 +104,29 @@ def test_grouped_decode_attention_equals_repeated_heads():
     torch.testing.assert_close(grouped, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", ["sdpa", "math", "matmul"])  # cudnn and efficient exist on CUDA only
+def test_decode_attention_kernels_agree(kernel):
+    from scaledown.fast_generation import grouped_decode_attention
+
+    torch.manual_seed(0)
+    query, key, value = torch.randn(2, 8, 1, 16), torch.randn(2, 2, 12, 16), torch.randn(2, 2, 12, 16)
+    mask = torch.ones(2, 1, 1, 12, dtype=torch.bool)
+    mask[0, ..., :5] = False  # left padding of the first row
+    mask[..., -3:] = False  # slots not written yet
+    scores = torch.einsum("bgqd,bgkd->bgqk", query.reshape(2, 2, 4, 16), key) * 0.25
+    expected = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ value  # (2, 2, 4, 16)
+    output, _ = grouped_decode_attention(None, query, key, value, mask, scaling=0.25, kernel=kernel)
+    torch.testing.assert_close(output, expected.reshape(2, 1, 8, 16), atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_decode_attention_kernel():
+    from scaledown.fast_generation import grouped_decode_attention
+
+    query, key = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="Unknown decode attention kernel 'flash'"):
+        grouped_decode_attention(None, query, key, key, torch.ones(1, 1, 1, 3, dtype=torch.bool), kernel="flash")
+
+
 @pytest.fixture
 def restore_rotary(monkeypatch):
     """Compiling replaces Llama's module-level rotary function for the whole process: put it back afterwards."""

@@ -1,0 +1,107 @@
+"""One decode step's attention at the bench's shapes: which kernel reads the static cache fastest.
+
+    python benchmarks/decode_attention.py --shape mistral-7b --cases 1x1506,96x1506,32x286,512x286
+
+A decode step's attention is one query token per head against the whole static cache, under a boolean mask (left
+padding and the slots not yet written). It only has to read the cache once, so its roofline is the cache's bytes over
+the memory bandwidth. The phase profiles showed SDPA's default choice (cuDNN) far from that at batch 512 (about
+0.5 ms a layer for 0.6 GB), so this times the candidates alone, each replayed in a CUDA graph as the engine does, and
+checks each against a float32 reference.
+"""
+
+import argparse
+
+import torch
+from transformers import AutoConfig
+
+from scaledown.evaluation import bench
+from scaledown.evaluation.evaluate import resolve_device
+from scaledown.evaluation.flops import TransformerShape, detect_hardware
+from scaledown.fast_generation import DECODE_ATTENTION_KERNELS, grouped_decode_attention
+
+
+def decode_inputs(shape: TransformerShape, batch: int, slots: int, device, dtype, seed: int = 0):
+    """query `(batch, heads, 1, head_dim)`, key/value `(batch, kv_heads, slots, head_dim)`, mask `(batch, 1, 1, slots)`."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def normal(*size):
+        return torch.randn(*size, generator=generator).to(device=device, dtype=dtype)
+
+    query = normal(batch, shape.num_heads, 1, shape.head_dim)
+    key = normal(batch, shape.num_kv_heads, slots, shape.head_dim)
+    value = normal(batch, shape.num_kv_heads, slots, shape.head_dim)
+    padding = torch.randint(0, max(slots // 8, 1), (batch, 1), generator=generator)  # left padding of each row
+    allowed = torch.arange(slots)[None, :] >= padding  # (batch, slots)
+    allowed[:, -slots // 16 :] = False  # cache slots the decode steps have not written yet
+    return query, key, value, allowed[:, None, None, :].to(device)
+
+
+def graph_time_us(function, device, calls: int = 20, replays: int = 10) -> float:
+    """Microseconds per call, `calls` calls captured in one CUDA graph (as the engine replays decode steps)."""
+    if device.type != "cuda":
+        import time
+
+        start = time.perf_counter()
+        for _ in range(calls):
+            function()
+        return 1e6 * (time.perf_counter() - start) / calls
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            function()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            function()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return 1000 * start.elapsed_time(end) / (calls * replays)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="mistral-7b", choices=sorted(bench.GENERATOR_SHAPES))
+    parser.add_argument("--cases", default="1x1506,32x1506,96x1506,32x286,512x286", help="batch x cache slots")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    hardware = detect_hardware(device, None, None)
+    fields = dict(bench.GENERATOR_SHAPES[args.shape])
+    shape = TransformerShape.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    scaling = shape.head_dim**-0.5
+    print(f"{bench._device_name(device)}, {args.shape}: {shape.num_heads} heads, {shape.num_kv_heads} key/value heads")
+    print(f"{'batch':>5} {'slots':>5} {'kernel':>9} {'us/layer':>9} {'TB/s':>6} {'of roofline':>11} {'max |diff|':>10}")
+    for case in args.cases.split(","):
+        batch, slots = (int(v) for v in case.split("x"))
+        query, key, value, mask = decode_inputs(shape, batch, slots, device, dtype)
+        reference, _ = grouped_decode_attention(
+            None, query.float(), key.float(), value.float(), mask, scaling=scaling, kernel="matmul"
+        )
+        cache_bytes = 2 * key.numel() * key.element_size()
+        for kernel in DECODE_ATTENTION_KERNELS:
+
+            def step(kernel=kernel):
+                return grouped_decode_attention(None, query, key, value, mask, scaling=scaling, kernel=kernel)
+
+            try:
+                difference = (step()[0].float() - reference).abs().max().item()
+                microseconds = graph_time_us(step, device)
+            except RuntimeError as error:  # a backend that refuses this mask or shape
+                print(f"{batch:>5} {slots:>5} {kernel:>9} unavailable: {str(error).splitlines()[0][:80]}")
+                continue
+            bandwidth = cache_bytes / microseconds / 1e6
+            of_roofline = f"{bandwidth / (hardware.peak_bandwidth / 1e12):.2f}" if hardware else "-"
+            print(f"{batch:>5} {slots:>5} {kernel:>9} {microseconds:>9.1f} {bandwidth:>6.2f} {of_roofline:>11} "
+                  f"{difference:>10.4f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
