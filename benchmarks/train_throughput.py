@@ -6,6 +6,11 @@ fully trained in float32 master weights, bf16 autocast, gradient checkpointing, 
 32-token question and a 32-token answer.
 
     python benchmarks/train_throughput.py --shape mistral-7b --compressor 8l,modernbert-base --output_dir OUT
+
+Under `accelerate launch` (DDP, FSDP: configs/accelerate/) every process trains on its own batch of that size: the
+table gives examples/s of all GPUs together and the largest peak memory of any one, so a 1-GPU and a multi-GPU run
+of the same per-device batch give the scaling efficiency. Give one batch size there: a process that runs out of
+memory stops while the others wait for it.
 """
 
 import argparse
@@ -16,6 +21,8 @@ import statistics
 import time
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from transformers import AutoModel, AutoModelForCausalLM
 
 from scaledown import ScaleDownConfig, ScaleDownForCausalLM
@@ -70,58 +77,75 @@ def make_batch(model, batch_size: int, documents: int, seed: int = 0) -> dict:
     return model.input_builder(questions, docs, answers=answers)
 
 
-def step_flops(model, batch: dict) -> float:
+def parameter_counts(model) -> tuple[int, int]:
+    """(generator, compressor) weights that multiply activations; counted before FSDP shards them."""
+    generator = sum(p.numel() for n, p in model.generator.named_parameters() if "embed_tokens" not in n)
+    compressor = sum(p.numel() for n, p in model.compressor.named_parameters() if "embed" not in n)
+    return generator, compressor
+
+
+def step_flops(counts: tuple[int, int], batch: dict) -> float:
     """Model FLOPs of one training step: 6 per parameter per token where weights train, 4 where they are frozen
     (the backward still propagates activations through them); attention scores are left out, as in MFU."""
     generator_tokens = int(batch["attention_mask"].sum())
     compressor_tokens = int(batch["compressor_attention_mask"].sum())
-    generator_params = sum(p.numel() for n, p in model.generator.named_parameters() if "embed_tokens" not in n)
-    compressor_params = sum(p.numel() for n, p in model.compressor.named_parameters() if "embed" not in n)
-    return 4 * generator_params * generator_tokens + 6 * compressor_params * compressor_tokens
+    return 4 * counts[0] * generator_tokens + 6 * counts[1] * compressor_tokens
 
 
-def measure(model, optimizer, batch_size: int, documents: int, steps: int, device) -> dict:
-    batch = {k: v.to(device) for k, v in make_batch(model, batch_size, documents).items()}
+def measure(accelerator, model, optimizer, counts, batch_size: int, documents: int, steps: int) -> dict:
+    device = accelerator.device
+    plain = accelerator.unwrap_model(model)
+    batch = {k: v.to(device) for k, v in make_batch(plain, batch_size, documents, seed=accelerator.process_index).items()}
 
     def step():
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        with accelerator.autocast():
             loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()  # warm-up (allocator, kernels, optimizer state)
+    step()  # warm-up (allocator, kernels, optimizer state, DDP buckets)
     torch.cuda.synchronize(device) if device.type == "cuda" else None
     torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
     times = []
     for _ in range(steps):
+        accelerator.wait_for_everyone()
         start = time.perf_counter()
         step()
         torch.cuda.synchronize(device) if device.type == "cuda" else None
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
+    processes = accelerator.num_processes
     tokens = int(batch["attention_mask"].sum() + batch["compressor_attention_mask"].sum())
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    peak = accelerator.gather(torch.tensor([peak], device=device)).max().item()  # the fullest GPU decides what fits
     return {
         "batch_size": batch_size,
+        "processes": processes,
         "seconds_per_step": seconds,
-        "examples_per_s": batch_size / seconds,
-        "tokens_per_s": tokens / seconds,
-        "model_tflops_per_s": step_flops(model, batch) / seconds / 1e12,
-        "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "examples_per_s": processes * batch_size / seconds,
+        "tokens_per_s": processes * tokens / seconds,
+        "model_tflops_per_s": processes * step_flops(counts, batch) / seconds / 1e12,
+        "peak_memory_gb": peak if device.type == "cuda" else None,
     }
 
 
-def run_compressor(shape: str, compressor: str, device, batch_sizes: list[int], documents: int, steps: int, attn: str):
-    model = build_model(shape, compressor, device, attn)
-    optimizer = torch.optim.AdamW(parameter_groups(
-        model, 1e-4, DEFAULT_COMPRESSOR_LR[model.config.compressor_type], 0.1,
-        {n for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1}), fused=device.type == "cuda")
+def run_compressor(accelerator, shape: str, compressor: str, batch_sizes: list[int], documents: int, steps: int, attn: str):
+    model = build_model(shape, compressor, accelerator.device, attn)
+    decay = {n for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1}  # before FSDP flattens them
+    compressor_lr = DEFAULT_COMPRESSOR_LR[model.config.compressor_type]
+    counts = parameter_counts(model)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        model.float()  # one dtype per flattened unit; FSDP's bf16 mixed precision computes in bf16, as scaledown-train
+    model = accelerator.prepare(model)  # FSDP shards the model before the optimizer sees its parameters
+    fused = accelerator.device.type == "cuda"
+    optimizer = accelerator.prepare(torch.optim.AdamW(parameter_groups(model, 1e-4, compressor_lr, 0.1, decay), fused=fused))
     best = None
     for batch_size in batch_sizes:  # ascending: keep the largest that fits
         try:
-            best = measure(model, optimizer, batch_size, documents, steps, device)
-            print(f"  {compressor} batch {batch_size}: {best['examples_per_s']:.2f} examples/s", flush=True)
+            best = measure(accelerator, model, optimizer, counts, batch_size, documents, steps)
+            accelerator.print(f"  {compressor} batch {batch_size}: {best['examples_per_s']:.2f} examples/s", flush=True)
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
@@ -129,7 +153,7 @@ def run_compressor(shape: str, compressor: str, device, batch_sizes: list[int], 
             torch.cuda.empty_cache()
             break
     del model, optimizer
-    if device.type == "cuda":
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return best
 
@@ -144,32 +168,37 @@ def main(argv=None):
     parser.add_argument("--attn", default="sdpa")
     parser.add_argument("--output_dir", default="benchmarks/results")
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    accelerator = Accelerator(mixed_precision="bf16")
+    device = accelerator.device
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
     rows = []
     for compressor in args.compressor.split(","):
-        result = run_compressor(args.shape, compressor, device, [int(b) for b in args.batch_sizes.split(",")],
+        result = run_compressor(accelerator, args.shape, compressor, [int(b) for b in args.batch_sizes.split(",")],
                                 args.documents, args.steps, args.attn)
         if result:
-            result["mfu"] = result["model_tflops_per_s"] * 1e12 / peak if peak else None
+            result["mfu"] = result["model_tflops_per_s"] * 1e12 / (peak * accelerator.num_processes) if peak else None
             rows.append({"compressor": compressor, **result})
-    header = "| compressor | batch/device | examples/s | tokens/s | model TFLOP/s | MFU | peak GB |\n|---|---|---|---|---|---|---|"
+    if not accelerator.is_main_process:
+        return
+    header = ("| compressor | GPUs | batch/device | examples/s | tokens/s | model TFLOP/s | MFU | peak GB (fullest GPU) |\n"
+              "|---|---|---|---|---|---|---|---|")  # fmt: skip
     lines = [header] + [
-        f"| {r['compressor']} | {r['batch_size']} | {r['examples_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
+        f"| {r['compressor']} | {r['processes']} | {r['batch_size']} | {r['examples_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
         f"{r['model_tflops_per_s']:.1f} | {r['mfu'] if r['mfu'] is None else format(r['mfu'], '.1%')} | "
         f"{r['peak_memory_gb'] if r['peak_memory_gb'] is None else format(r['peak_memory_gb'], '.1f')} |"
         for r in rows
     ]
-    table = f"Training throughput, {args.shape} shape, {gpu}, {args.documents} docs x 128 tokens, LoRA r16, bf16\n\n" + "\n".join(lines)
+    strategy = accelerator.distributed_type.value.lower()
+    table = (f"Training throughput, {args.shape} shape, {accelerator.num_processes} x {gpu} ({strategy}), "
+             f"{args.documents} docs x 128 tokens, LoRA r16, bf16\n\n" + "\n".join(lines))  # fmt: skip
     print(table)
     os.makedirs(args.output_dir, exist_ok=True)
-    name = f"train_throughput_{args.shape}_{gpu.replace(' ', '_')}"
+    name = f"train_throughput_{args.shape}_{accelerator.num_processes}x{gpu.replace(' ', '_')}_{strategy}"
     with open(os.path.join(args.output_dir, name + ".json"), "w") as handle:
-        json.dump({"shape": args.shape, "gpu": gpu, "rows": rows}, handle, indent=1)
+        json.dump({"shape": args.shape, "gpu": gpu, "strategy": strategy, "rows": rows}, handle, indent=1)
     with open(os.path.join(args.output_dir, name + ".md"), "w") as handle:
         handle.write(table + "\n")
-
 
 if __name__ == "__main__":
     main()

@@ -219,6 +219,8 @@ def train(args: ScaleDownArguments, training_args: TrainingArguments) -> ScaleDo
         compressor_learning_rate=args.compressor_learning_rate or DEFAULT_COMPRESSOR_LR[model.config.compressor_type],
         callbacks=[LossCurveCallback()],
     )
+    if trainer.is_fsdp_enabled:  # FSDP flattens each wrapped unit into one tensor, so its parameters share a dtype;
+        model.float()  # FSDP's bf16 mixed precision still computes in bf16 (the frozen weights are sharded in fp32)
     resume = training_args.resume_from_checkpoint
     if resume in ("last", "true", "True"):
         resume = get_last_checkpoint(training_args.output_dir)
@@ -256,8 +258,9 @@ def run_tiny_preset(args: ScaleDownArguments, training_args: TrainingArguments) 
     train_rows = [json.loads(line) for line in open(train_path, encoding="utf-8") if line.strip()]
     texts = [t for row in train_rows for t in [row["question"], row["answer"], *row["documents"]]]
     generator_dir = os.path.join(training_args.output_dir, "base_generator")
-    if not os.path.isdir(generator_dir):
-        build_causal_lm(generator_dir, build_tokenizer(texts, vocab_size=800), architecture="llama", num_layers=4)
+    with training_args.main_process_first(desc="building the demo generator"):  # one builder under torchrun/DDP
+        if not os.path.isdir(generator_dir):
+            build_causal_lm(generator_dir, build_tokenizer(texts, vocab_size=800), architecture="llama", num_layers=4)
     args.generator_name_or_path = generator_dir
     args.compressor_type, args.num_layers = "n_layers", 2
     args.num_memory_tokens, args.max_document_length, args.max_query_length = 4, 64, 24
@@ -267,7 +270,10 @@ def run_tiny_preset(args: ScaleDownArguments, training_args: TrainingArguments) 
         args.device = "cpu"
     trainer = train(args, training_args)
 
-    model = trainer.model.eval()
+    if not trainer.is_world_process_zero():
+        return {}
+    # Answer from the saved checkpoint: under FSDP the trained model's weights are shards, and it shows the folder loads.
+    model = ScaleDownForCausalLM.from_pretrained(training_args.output_dir).to(trainer.args.device).eval()
     held_out = [json.loads(line) for line in open(eval_path, encoding="utf-8") if line.strip()][:5]
     predictions = model.generate_from_documents(
         [row["question"] for row in held_out], [row["documents"] for row in held_out], max_new_tokens=8
@@ -275,7 +281,7 @@ def run_tiny_preset(args: ScaleDownArguments, training_args: TrainingArguments) 
     print("\nHeld-out questions (entities never seen in training):")
     for row, prediction in zip(held_out, predictions):
         print(f"  Q: {row['question']}\n     gold: {row['answer']!r}   ScaleDown: {prediction!r}")
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry] or [float("nan")]
     print(f"\nloss {losses[0]:.3f} -> {losses[-1]:.3f}; checkpoint and loss_curve.png in {training_args.output_dir}")
     print(
         "The demo's generator is a randomly initialised toy, so these answers only show the mechanics (a falling "

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import re
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -192,13 +193,23 @@ class ScaleDownTrainer(ScaleDownTrainingMixin, Trainer):
                 handle.write(self.args.to_json_string())
 
 
+_WRAPPER_SEGMENTS = re.compile(r"^module\.|_fsdp_wrapped_module\.|_checkpoint_wrapped_module\.|_orig_mod\.")
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's name in the bare model: DDP, FSDP, activation checkpointing and torch.compile add segments."""
+    return _WRAPPER_SEGMENTS.sub("", name)
+
+
 def parameter_groups(model, generator_lr: float, compressor_lr: float, weight_decay: float, decay_names: set):
     """Generator side (LoRA, new token embeddings) at one rate; compressor side (compressor, connector, rerank head)
     at another. Biases and norms (not in `decay_names`) get no weight decay."""
     groups = {}
+    decay_names = {unwrapped_name(name) for name in decay_names}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
+        name = unwrapped_name(name)
         side = "generator" if name.startswith(("generator.", "new_token_embeddings.")) else "compressor"
         decays = name in decay_names
         key = (side, decays)

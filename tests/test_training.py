@@ -155,20 +155,53 @@ def test_pretraining_stage_feeds_finetuning(generator_dirs, modernbert_dir, tmp_
 
 
 def test_two_process_accelerate_run(generator_dirs, tmp_path):
+    """Two CPU processes under torchrun (gloo): accelerate's own `launch --cpu` starts one process without MPI."""
     data = write_examples(tmp_path / "train.jsonl", n=16)
-    argv = base_argv(generator_dirs["llama"], data, tmp_path / "ddp", "--max_steps", "3", "--save_strategy", "no")
+    argv = base_argv(generator_dirs["llama"], data, tmp_path / "ddp", "--num_train_epochs", "1", "--save_strategy", "no")
     argv[argv.index("--device") + 1] = "auto"
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "scaledown.train", *argv,
-    ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "scaledown.train", *argv]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     history = json.loads((tmp_path / "ddp" / "log_history.json").read_text())
-    assert history[-1]["step"] == 3
+    assert history[-1]["step"] == 2  # 16 examples, 4 per process and step: two processes share an epoch in 2 steps
     model = ScaleDownForCausalLM.from_pretrained(tmp_path / "ddp")
     assert len(model.generate_from_documents(["Who founded Velmora?"], [["Velmora."]], max_new_tokens=3)) == 1
+
+
+def test_parameter_groups_see_through_wrappers(generator_dirs, tmp_path):
+    """DDP prefixes names with `module.`, FSDP adds `_fsdp_wrapped_module.`: the two learning rates must not move."""
+    from scaledown.trainer import parameter_groups
+
+    args, _ = parse_arguments(base_argv(generator_dirs["llama"], write_examples(tmp_path / "t.jsonl"), tmp_path / "o"))
+    from scaledown.train import build_model
+
+    model = build_model(args)
+    wrapper = torch.nn.Module()
+    wrapper.module = torch.nn.Module()
+    wrapper.module._fsdp_wrapped_module = model  # names: module._fsdp_wrapped_module.generator...
+    decay = {n for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1}
+
+    def summary(groups):
+        return sorted((g["name"], g["lr"], g["weight_decay"], sum(p.numel() for p in g["params"])) for g in groups)
+
+    plain = summary(parameter_groups(model, 1e-4, 5e-5, 0.1, decay))
+    wrapped = summary(parameter_groups(wrapper, 1e-4, 5e-5, 0.1, {f"module._fsdp_wrapped_module.{n}" for n in decay}))
+    assert wrapped == plain
+    assert {name for name, *_ in plain} >= {"generator", "compressor"}
+
+
+def test_tiny_preset_answers_from_its_saved_checkpoint(tmp_path):
+    from scaledown.train import run_tiny_preset
+
+    args, training_args = parse_arguments(
+        ["--preset", "tiny", "--output_dir", str(tmp_path / "tiny"), "--max_steps", "2", "--logging_steps", "1",
+         "--device", "cpu",
+         "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no"]
+    )  # fmt: skip
+    result = run_tiny_preset(args, training_args)
+    assert len(result["predictions"]) == 5 and result["last_loss"] == result["last_loss"]  # logged, not NaN
+    assert os.path.isfile(tmp_path / "tiny" / "model.safetensors")
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------
