@@ -6,7 +6,8 @@ A decode step's attention is one query token per head against the whole static c
 padding and the slots not yet written). It only has to read the cache once, so its roofline is the cache's bytes over
 the memory bandwidth. The phase profiles showed SDPA's default choice (cuDNN) far from that at batch 512 (about
 0.5 ms a layer for 0.6 GB), so this times the candidates alone, each replayed in a CUDA graph as the engine does, and
-checks each against a float32 reference.
+checks each against a float32 reference. With `--layers N` each call reads the next of N distinct caches, as the
+engine's layers do, instead of the same one again.
 """
 
 import argparse
@@ -21,7 +22,8 @@ from scaledown.fast_generation import DECODE_ATTENTION_KERNELS, grouped_decode_a
 
 
 def decode_inputs(shape: TransformerShape, batch: int, slots: int, device, dtype, seed: int = 0):
-    """query `(batch, heads, 1, head_dim)`, key/value `(batch, kv_heads, slots, head_dim)`, mask `(batch, 1, 1, slots)`."""
+    """query `(batch, heads, 1, head_dim)`, key/value `(batch, kv_heads, slots, head_dim)`, boolean mask
+    `(batch, 1, 1, slots)`."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
 
     def normal(*size):
@@ -36,7 +38,7 @@ def decode_inputs(shape: TransformerShape, batch: int, slots: int, device, dtype
     return query, key, value, allowed[:, None, None, :].to(device)
 
 
-def graph_time_us(function, device, calls: int = 20, replays: int = 10) -> float:
+def graph_time_us(function, device, calls: int = 32, replays: int = 10) -> float:
     """Microseconds per call, `calls` calls captured in one CUDA graph (as the engine replays decode steps)."""
     if device.type != "cuda":
         import time
@@ -69,6 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="mistral-7b", choices=sorted(bench.GENERATOR_SHAPES))
     parser.add_argument("--cases", default="1x1506,32x1506,96x1506,32x286,512x286", help="batch x cache slots")
+    parser.add_argument("--layers", type=int, default=1, help="distinct caches the calls cycle through")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -81,18 +84,23 @@ def main() -> None:
     print(f"{'batch':>5} {'slots':>5} {'kernel':>9} {'us/layer':>9} {'TB/s':>6} {'of roofline':>11} {'max |diff|':>10}")
     for case in args.cases.split(","):
         batch, slots = (int(v) for v in case.split("x"))
-        query, key, value, mask = decode_inputs(shape, batch, slots, device, dtype)
+        caches = [decode_inputs(shape, batch, slots, device, dtype, seed=layer) for layer in range(args.layers)]
+        query, key, value, mask = caches[0]
         reference, _ = grouped_decode_attention(
             None, query.float(), key.float(), value.float(), mask, scaling=scaling, kernel="matmul"
         )
         cache_bytes = 2 * key.numel() * key.element_size()
         for kernel in DECODE_ATTENTION_KERNELS:
 
-            def step(kernel=kernel):
-                return grouped_decode_attention(None, query, key, value, mask, scaling=scaling, kernel=kernel)
+            def step(kernel=kernel, calls=iter(range(1 << 62))):
+                layer_query, layer_key, layer_value, layer_mask = caches[next(calls) % len(caches)]
+                return grouped_decode_attention(
+                    None, layer_query, layer_key, layer_value, layer_mask, scaling=scaling, kernel=kernel
+                )
 
             try:
-                difference = (step()[0].float() - reference).abs().max().item()
+                output, _ = grouped_decode_attention(None, query, key, value, mask, scaling=scaling, kernel=kernel)
+                difference = (output.float() - reference).abs().max().item()
                 microseconds = graph_time_us(step, device)
             except RuntimeError as error:  # a backend that refuses this mask or shape
                 print(f"{batch:>5} {slots:>5} {kernel:>9} unavailable: {str(error).splitlines()[0][:80]}")

@@ -95,7 +95,8 @@ def step_flops(counts: tuple[int, int], batch: dict) -> float:
 def measure(accelerator, model, optimizer, counts, batch_size: int, documents: int, steps: int) -> dict:
     device = accelerator.device
     plain = accelerator.unwrap_model(model)
-    batch = {k: v.to(device) for k, v in make_batch(plain, batch_size, documents, seed=accelerator.process_index).items()}
+    batch = make_batch(plain, batch_size, documents, seed=accelerator.process_index)  # each process its own examples
+    batch = {k: v.to(device) for k, v in batch.items()}
 
     def step():
         with accelerator.autocast():
@@ -131,7 +132,9 @@ def measure(accelerator, model, optimizer, counts, batch_size: int, documents: i
     }
 
 
-def run_compressor(accelerator, shape: str, compressor: str, batch_sizes: list[int], documents: int, steps: int, attn: str):
+def run_compressor(
+    accelerator, shape: str, compressor: str, batch_sizes: list[int], documents: int, steps: int, attn: str
+):
     model = build_model(shape, compressor, accelerator.device, attn)
     decay = {n for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1}  # before FSDP flattens them
     compressor_lr = DEFAULT_COMPRESSOR_LR[model.config.compressor_type]
@@ -140,7 +143,8 @@ def run_compressor(accelerator, shape: str, compressor: str, batch_sizes: list[i
         model.float()  # one dtype per flattened unit; FSDP's bf16 mixed precision computes in bf16, as scaledown-train
     model = accelerator.prepare(model)  # FSDP shards the model before the optimizer sees its parameters
     fused = accelerator.device.type == "cuda"
-    optimizer = accelerator.prepare(torch.optim.AdamW(parameter_groups(model, 1e-4, compressor_lr, 0.1, decay), fused=fused))
+    groups = parameter_groups(model, 1e-4, compressor_lr, 0.1, decay)
+    optimizer = accelerator.prepare(torch.optim.AdamW(groups, fused=fused))
     best = None
     for batch_size in batch_sizes:  # ascending: keep the largest that fits
         try:
@@ -181,10 +185,13 @@ def main(argv=None):
             rows.append({"compressor": compressor, **result})
     if not accelerator.is_main_process:
         return
-    header = ("| compressor | GPUs | batch/device | examples/s | tokens/s | model TFLOP/s | MFU | peak GB (fullest GPU) |\n"
-              "|---|---|---|---|---|---|---|---|")  # fmt: skip
+    header = (
+        "| compressor | GPUs | batch/device | examples/s | tokens/s | model TFLOP/s | MFU | peak GB (fullest GPU) |\n"
+        "|---|---|---|---|---|---|---|---|"
+    )
     lines = [header] + [
-        f"| {r['compressor']} | {r['processes']} | {r['batch_size']} | {r['examples_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
+        f"| {r['compressor']} | {r['processes']} | {r['batch_size']} | {r['examples_per_s']:.2f} | "
+        f"{r['tokens_per_s']:.0f} | "
         f"{r['model_tflops_per_s']:.1f} | {r['mfu'] if r['mfu'] is None else format(r['mfu'], '.1%')} | "
         f"{r['peak_memory_gb'] if r['peak_memory_gb'] is None else format(r['peak_memory_gb'], '.1f')} |"
         for r in rows

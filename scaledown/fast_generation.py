@@ -140,6 +140,16 @@ class StaticGreedyGenerator:
             scores=torch.zeros(batch, max_new_tokens, vocab, device=device) if keep_scores else None,
         )
 
+    def has_graph_for(
+        self, attention_mask: torch.Tensor, max_new_tokens: int, eos_token_id=None, pad_token_id=0, return_scores=False
+    ) -> bool:
+        """Whether `generate` with these arguments replays a captured graph (captures nothing, allocates nothing)."""
+        batch, prompt_len = attention_mask.shape
+        dtype = self.generator.get_input_embeddings().weight.dtype
+        tokens = (eos_token_id, pad_token_id)
+        key = (batch, prompt_len, max_new_tokens, attention_mask.device, dtype, return_scores, tokens)
+        return key == self._key and self._state is not None and self._state.graph is not None
+
     def _state_for(self, batch, prompt_len, max_new_tokens, device, dtype, keep_scores, tokens) -> _DecodeState:
         key = (batch, prompt_len, max_new_tokens, device, dtype, keep_scores, tokens)  # the graph bakes all of these in
         if key != self._key:
@@ -382,10 +392,12 @@ def generate_compressed(
     max_new_tokens: int,
     stop_at_eos: bool = True,
     return_scores: bool = False,
+    compressed: torch.Tensor | None = None,
 ):
-    """ScaleDown's `generate` through the engine: compress (`compress_batch`), splice the vectors in, decode.
-    `(batch, new)` ids."""
-    compressed, _ = compress_batch(model, batch)
+    """ScaleDown's `generate` through the engine: compress (`compress_batch`, unless `compressed` already holds the
+    batch's vectors), splice the vectors in, decode. `(batch, new)` ids."""
+    if compressed is None:
+        compressed, _ = compress_batch(model, batch)
     inputs_embeds = model.embed_generator_inputs(batch["input_ids"], compressed)  # (batch, seq, hidden)
     return engine.generate(
         attention_mask=batch["attention_mask"],
@@ -395,3 +407,44 @@ def generate_compressed(
         pad_token_id=model.input_builder.generator_pad_id,
         return_scores=return_scores,
     )
+
+
+@torch.no_grad()
+def generate_compressed_overlapped(
+    model, batches: list[dict[str, torch.Tensor]], engine: StaticGreedyGenerator, max_new_tokens: int, stop_at_eos=True
+) -> list[torch.LongTensor]:
+    """`generate_compressed` over a stream of batches, compressing batch i+1 on a side CUDA stream while batch i is
+    prefilled and decoded: compression is compute-bound and a decode step mostly waits on memory, so the two share
+    the GPU. Same ids as one `generate_compressed` per batch (off CUDA it is exactly that, in order).
+
+    A batch whose decode graph is not captured yet runs with nothing beside it: capture forbids other streams'
+    allocations.
+    """
+    device = batches[0]["input_ids"].device
+    overlap = device.type == "cuda"
+    main = torch.cuda.current_stream(device) if overlap else None
+    side = torch.cuda.Stream(device) if overlap else None
+    eos = model.generator_tokenizer.eos_token_id if stop_at_eos else None
+    pad = model.input_builder.generator_pad_id
+    compressed, _ = compress_batch(model, batches[0])
+    outputs = []
+    for index, batch in enumerate(batches):
+        following = batches[index + 1] if index + 1 < len(batches) else None
+        ready = engine.has_graph_for(batch["attention_mask"], max_new_tokens, eos, pad)
+        beside = overlap and following is not None and ready
+        if beside:
+            side.wait_stream(main)  # the following batch's inputs were written on the main stream
+            with torch.cuda.stream(side):
+                following_compressed, _ = compress_batch(model, following)  # (batch, documents * memory, hidden)
+        outputs.append(
+            generate_compressed(model, batch, engine, max_new_tokens, stop_at_eos=stop_at_eos, compressed=compressed)
+        )
+        if following is None:
+            break
+        if beside:
+            main.wait_stream(side)
+            following_compressed.record_stream(main)  # made on the side stream, read and freed on the main one
+        else:
+            following_compressed, _ = compress_batch(model, following)
+        compressed = following_compressed
+    return outputs

@@ -294,6 +294,34 @@ def test_encoder_attention_flag_reaches_encoder_compressors_only(tmp_path):
     assert report["settings"]["attn_implementation"] == "sdpa"
 
 
+def test_overlapped_stream_is_timed_per_batch(tmp_path, monkeypatch):
+    streams = []
+    overlapped = bench.generate_compressed_overlapped
+
+    def recording(model, batches, engine, max_new_tokens, stop_at_eos=True):
+        streams.append(len(batches))
+        return overlapped(model, batches, engine, max_new_tokens, stop_at_eos=stop_at_eos)
+
+    monkeypatch.setattr(bench, "generate_compressed_overlapped", recording)
+    timed = bench.timed_runs
+    monkeypatch.setattr(bench, "timed_runs", lambda *a, **k: [0.3 for _ in timed(*a, **k)])  # each run: 0.3 s
+    argv = ["--shape", "tiny", "--compressor", "2l", "--batch_sizes", "2", "--engine", "static",
+            "--query_tokens", "8", "--document_tokens", "8", "--num_documents", "2", "--new_tokens", "3",
+            "--repeats", "2", "--warmup", "0", "--device", "cpu", "--overlap_batches", "3",
+            "--output_dir", str(tmp_path)]  # fmt: skip
+    assert bench.main(argv) == 0
+    assert streams == [3, 3, 3]  # the output check, then two timed runs, each a stream of 3 batches
+    report = json.loads((tmp_path / "bench_tiny_2l_static_overlap3.json").read_text())
+    assert report["settings"]["overlap_batches"] == 3
+    seconds = {r["side"]: r["seconds_median"] for r in report["results"]}
+    assert seconds == pytest.approx({"uncompressed": 0.3, "compressed": 0.1})  # a run of 3 batches: 0.1 s a batch
+
+
+def test_overlap_needs_the_static_engine(make_model):
+    with pytest.raises(ValueError, match="--overlap_batches needs --engine static"):
+        bench.CompressedSide("2l", make_model(), bench.Protocol(), 2, engine="generate", overlap_batches=2)
+
+
 def test_set_encoder_attention_leaves_generator_and_n_layers_alone(make_model, modernbert_dir):
     encoder = make_model(compressor_type="modernbert", compressor_name_or_path=modernbert_dir)
     bench.set_encoder_attention(encoder, "eager")

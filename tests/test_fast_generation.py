@@ -23,6 +23,24 @@ def test_compressed_answers_equal_generate(make_model, arch):
     assert torch.equal(again, fast)
 
 
+def test_overlapped_stream_answers_each_batch_as_alone(make_model):
+    from scaledown.fast_generation import generate_compressed_overlapped
+
+    model = make_model()
+    batches = [  # same shape, different content: each batch must be answered from its own vectors
+        model.input_builder(QUESTIONS, DOCUMENTS),
+        model.input_builder(QUESTIONS[::-1], DOCUMENTS[::-1]),
+        model.input_builder(QUESTIONS, DOCUMENTS[::-1]),
+    ]
+    engine = StaticGreedyGenerator(model.generator)
+    expected = [generate_compressed(model, batch, engine, max_new_tokens=8, stop_at_eos=False) for batch in batches]
+    assert not torch.equal(expected[0], expected[1])
+    streamed = generate_compressed_overlapped(model, batches, engine, max_new_tokens=8, stop_at_eos=False)
+    assert len(streamed) == 3
+    for got, want in zip(streamed, expected):
+        assert torch.equal(got, want)
+
+
 def test_text_prompts_equal_generate_and_eager_attention(make_model):
     model = make_model()
     tokenizer = model.generator_tokenizer

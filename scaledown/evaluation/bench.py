@@ -41,6 +41,7 @@ from ..fast_generation import (
     compile_elementwise_work,
     compress_batch,
     generate_compressed,
+    generate_compressed_overlapped,
 )
 from ..modeling_scaledown import ScaleDownForCausalLM, text_prompt
 from ..toy_models import SPECIAL_TOKENS, wrap_tokenizer
@@ -291,6 +292,7 @@ class UncompressedSide:
     """The base generator reading the full document text."""
 
     name = "uncompressed"
+    batches_per_run = 1
 
     def __init__(
         self,
@@ -328,10 +330,19 @@ class CompressedSide:
     """ScaleDown: compression of every (query, document) pair, then generation from the compressed vectors."""
 
     def __init__(
-        self, name: str, model: ScaleDownForCausalLM, protocol: Protocol, dtype_bytes: int, engine: str = "generate"
+        self,
+        name: str,
+        model: ScaleDownForCausalLM,
+        protocol: Protocol,
+        dtype_bytes: int,
+        engine: str = "generate",
+        overlap_batches: int = 1,
     ):
         self.name, self.model, self.protocol, self.dtype_bytes = name, model, protocol, dtype_bytes
         self.fast = StaticGreedyGenerator(model.generator) if engine == "static" else None
+        if overlap_batches > 1 and self.fast is None:
+            raise ValueError("--overlap_batches needs --engine static (the overlap runs beside its decode graphs).")
+        self.batches_per_run = overlap_batches  # a run answers the batch this many times, as a stream
         self.generator_shape = TransformerShape.from_config(model.generator.config)
         self.compressor_shape = TransformerShape.from_config(model.compressor.config)
 
@@ -368,6 +379,9 @@ class CompressedSide:
 
     def run(self, batch: PreparedBatch) -> torch.Tensor:
         tokens = self.protocol.new_tokens
+        if self.batches_per_run > 1:  # compression of each next batch beside the current one's decoding
+            stream = [batch.inputs] * self.batches_per_run
+            return generate_compressed_overlapped(self.model, stream, self.fast, tokens, stop_at_eos=False)[-1]
         if self.fast is not None:  # no EOS stop: both sides decode exactly `tokens` steps
             return generate_compressed(self.model, batch.inputs, self.fast, tokens, stop_at_eos=False)
         return self.model.generate(**batch.inputs, min_new_tokens=tokens, max_new_tokens=tokens)
@@ -446,7 +460,8 @@ def measure(
         raise RuntimeError(f"{side.name} generated {new_tokens.shape[1]} tokens instead of {side.protocol.new_tokens}.")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = timed_runs(lambda: side.run(batch), device, max(warmup - 1, 0), repeats)
+    runs = timed_runs(lambda: side.run(batch), device, max(warmup - 1, 0), repeats)
+    seconds = [run / side.batches_per_run for run in runs]  # per batch
     peak_gb = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
     compression_seconds = None
     if isinstance(side, CompressedSide):
@@ -703,6 +718,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="torch.compile the generator's norms, MLPs and rotary embedding (both sides) and each compressor",
     )
+    parser.add_argument(
+        "--overlap_batches",
+        type=int,
+        default=1,
+        help="compressed sides, static engine: time a stream of this many batches, each next batch compressed on a "
+        "side CUDA stream while the current one decodes (times stay per query)",
+    )
     parser.add_argument("--peak_tflops", type=float, default=None, help="override the detected dense bf16 peak")
     parser.add_argument("--peak_bandwidth_tbs", type=float, default=None, help="override the detected memory bandwidth")
     parser.add_argument("--seed", type=int, default=0)
@@ -752,6 +774,7 @@ def _settings(
             "static": "scaledown.fast_generation (greedy, static KV cache, CUDA-graph decode, no EOS stop)",
         }[args.engine],
         "compile": args.compile,
+        "overlap_batches": args.overlap_batches,
         "hardware": asdict(hardware) if hardware is not None else None,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "notes": (
@@ -835,6 +858,7 @@ def run(args: argparse.Namespace) -> dict:
     stem = f"bench_{'checkpoint' if args.checkpoint else args.shape}_{'-'.join(compressor_names)}_{args.engine}"
     stem += "_compiled" if args.compile else ""
     stem += f"_encoder-{args.encoder_attn_implementation}" if args.encoder_attn_implementation else ""
+    stem += f"_overlap{args.overlap_batches}" if args.overlap_batches > 1 else ""
     json_path, png_path = (os.path.join(args.output_dir, f"{stem}.{ext}") for ext in ("json", "png"))
     run_side = dict(
         requests=requests,
@@ -873,7 +897,8 @@ def run(args: argparse.Namespace) -> dict:
         set_encoder_attention(scaledown, args.encoder_attn_implementation)
         if args.compile:
             log(f"{name} compressor: compiled {compile_compressor(scaledown)}")
-        compressed = bench_side(CompressedSide(name, scaledown, protocol, dtype_bytes, args.engine), **run_side)
+        side = CompressedSide(name, scaledown, protocol, dtype_bytes, args.engine, args.overlap_batches)
+        compressed = bench_side(side, **run_side)
         for label, record in compressed.items():
             if "error" not in record and "error" not in uncompressed[label]:
                 record["speedup"] = speedups(uncompressed[label], record)
