@@ -413,9 +413,9 @@ def generate_compressed(
 def generate_compressed_overlapped(
     model, batches: list[dict[str, torch.Tensor]], engine: StaticGreedyGenerator, max_new_tokens: int, stop_at_eos=True
 ) -> list[torch.LongTensor]:
-    """`generate_compressed` over a stream of batches, compressing batch i+1 on a side CUDA stream while batch i is
-    prefilled and decoded: compression is compute-bound and a decode step mostly waits on memory, so the two share
-    the GPU. Same ids as one `generate_compressed` per batch (off CUDA it is exactly that, in order).
+    """`generate_compressed` over a stream of batches, compressing batch i+1 on a side CUDA stream while batch i
+    decodes: compression is compute-bound and a decode step mostly waits on memory, so the two share the GPU. Same
+    ids as one `generate_compressed` per batch (off CUDA it is exactly that, in order).
 
     A batch whose decode graph is not captured yet runs with nothing beside it: capture forbids other streams'
     allocations.
@@ -432,16 +432,18 @@ def generate_compressed_overlapped(
         following = batches[index + 1] if index + 1 < len(batches) else None
         ready = engine.has_graph_for(batch["attention_mask"], max_new_tokens, eos, pad)
         beside = overlap and following is not None and ready
-        if beside:
-            side.wait_stream(main)  # the following batch's inputs were written on the main stream
-            with torch.cuda.stream(side):
-                following_compressed, _ = compress_batch(model, following)  # (batch, documents * memory, hidden)
+        if beside:  # the following batch's inputs were written on the main stream, before this batch's decode
+            side.wait_stream(main)
+        # Queued first: compression may wait on the host (row selection), and the decode replays must already be
+        # queued on the main stream for the GPU to run them while it does.
         outputs.append(
             generate_compressed(model, batch, engine, max_new_tokens, stop_at_eos=stop_at_eos, compressed=compressed)
         )
         if following is None:
             break
         if beside:
+            with torch.cuda.stream(side):
+                following_compressed, _ = compress_batch(model, following)  # (batch, documents * memory, hidden)
             main.wait_stream(side)
             following_compressed.record_stream(main)  # made on the side stream, read and freed on the main one
         else:
