@@ -13,7 +13,6 @@ engine's layers do, instead of the same one again.
 import argparse
 
 import torch
-from transformers import AutoConfig
 
 from scaledown.evaluation import bench
 from scaledown.evaluation.evaluate import resolve_device
@@ -76,8 +75,7 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device)
     hardware = detect_hardware(device, None, None)
-    fields = dict(bench.GENERATOR_SHAPES[args.shape])
-    shape = TransformerShape.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
+    shape = bench.preset_shape(bench.GENERATOR_SHAPES[args.shape])
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     scaling = shape.head_dim**-0.5
     print(f"{bench._device_name(device)}, {args.shape}: {shape.num_heads} heads, {shape.num_kv_heads} key/value heads")

@@ -11,7 +11,6 @@ by more than its non-matmul share, so they say how far "60% of the roofline" is 
 import argparse
 
 import torch
-from transformers import AutoConfig
 
 from scaledown.evaluation import bench
 from scaledown.evaluation.evaluate import resolve_device
@@ -35,8 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device)
     hardware = detect_hardware(device, None, None)
-    fields = dict(bench.GENERATOR_SHAPES[args.shape])
-    shape = TransformerShape.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
+    shape = bench.preset_shape(bench.GENERATOR_SHAPES[args.shape])
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     weights = [torch.randn(n_in, n_out, device=device, dtype=dtype) for n_in, n_out in layer_products(shape)]
     print("| rows | ms per layer's products | TFLOP/s | of peak FLOP/s | TB/s | of peak bandwidth |")

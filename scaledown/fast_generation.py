@@ -110,7 +110,7 @@ class StaticGreedyGenerator:
     def __init__(self, generator: torch.nn.Module, use_cuda_graph: bool | None = None):
         self.generator = generator
         self.use_cuda_graph = use_cuda_graph
-        self._key = None
+        self._key_now = None  # the key of the state held
         self._state: _DecodeState | None = None
 
     # ---- masks ---------------------------------------------------------------------------------------------------
@@ -140,24 +140,28 @@ class StaticGreedyGenerator:
             scores=torch.zeros(batch, max_new_tokens, vocab, device=device) if keep_scores else None,
         )
 
+    def _key(self, attention_mask, max_new_tokens, eos_token_id, pad_token_id, return_scores) -> tuple:
+        """Everything a call's state and captured graph bake in: a call with another key needs a new state."""
+        batch, prompt_len = attention_mask.shape
+        dtype = self.generator.get_input_embeddings().weight.dtype
+        tokens = (eos_token_id, pad_token_id)
+        return (batch, prompt_len, max_new_tokens, attention_mask.device, dtype, return_scores, tokens)
+
     def has_graph_for(
         self, attention_mask: torch.Tensor, max_new_tokens: int, eos_token_id=None, pad_token_id=0, return_scores=False
     ) -> bool:
         """Whether `generate` with these arguments replays a captured graph (captures nothing, allocates nothing)."""
-        batch, prompt_len = attention_mask.shape
-        dtype = self.generator.get_input_embeddings().weight.dtype
-        tokens = (eos_token_id, pad_token_id)
-        key = (batch, prompt_len, max_new_tokens, attention_mask.device, dtype, return_scores, tokens)
-        return key == self._key and self._state is not None and self._state.graph is not None
+        key = self._key(attention_mask, max_new_tokens, eos_token_id, pad_token_id, return_scores)
+        return key == self._key_now and self._state is not None and self._state.graph is not None
 
-    def _state_for(self, batch, prompt_len, max_new_tokens, device, dtype, keep_scores, tokens) -> _DecodeState:
-        key = (batch, prompt_len, max_new_tokens, device, dtype, keep_scores, tokens)  # the graph bakes all of these in
-        if key != self._key:
+    def _state_for(self, key: tuple) -> _DecodeState:
+        if key != self._key_now:
+            batch, prompt_len, max_new_tokens, device, _, keep_scores, _ = key
             self._state = None  # free the old cache and graph before allocating new ones
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             self._state = self._new_state(batch, prompt_len + max_new_tokens, max_new_tokens, device, keep_scores)
-            self._key = key
+            self._key_now = key
         return self._state
 
     # ---- one decode step (graph-capturable: in-place updates only, no host synchronisation) -----------------------
@@ -212,12 +216,9 @@ class StaticGreedyGenerator:
             raise ValueError("Give exactly one of input_ids and inputs_embeds.")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
-        batch, prompt_len = attention_mask.shape
-        device = attention_mask.device
-        dtype = self.generator.get_input_embeddings().weight.dtype
-        state = self._state_for(
-            batch, prompt_len, max_new_tokens, device, dtype, return_scores, (eos_token_id, pad_token_id)
-        )
+        key = self._key(attention_mask, max_new_tokens, eos_token_id, pad_token_id, return_scores)
+        state = self._state_for(key)
+        _, prompt_len, _, device, dtype, _, _ = key
         state.cache.reset()
         state.key_mask.zero_()
         state.key_mask[:, :prompt_len] = attention_mask.bool()

@@ -3,7 +3,6 @@ import random
 
 import pytest
 import torch
-from transformers import AutoConfig
 
 from scaledown.evaluation import bench
 from scaledown.evaluation.flops import (
@@ -27,18 +26,13 @@ TINY = dict(
 )
 
 
-def _shape(shape: dict) -> TransformerShape:
-    fields = dict(shape)
-    return TransformerShape.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
-
-
 def test_shape_is_read_from_configs():
-    shape = _shape(dict(model_type="llama", **TINY))
+    shape = bench.preset_shape(dict(model_type="llama", **TINY))
     assert (shape.num_layers, shape.num_heads, shape.num_kv_heads, shape.head_dim) == (2, 2, 1, 4)
     assert shape.causal and shape.mlp_matrices == 3
-    encoder = _shape(bench.ENCODER_SHAPES["modernbert-base"])
+    encoder = bench.preset_shape(bench.ENCODER_SHAPES["modernbert-base"])
     assert not encoder.causal and encoder.mlp_matrices == 3 and encoder.head_dim == 64  # GeGLU: 3 h x i matrices
-    bert = _shape(
+    bert = bench.preset_shape(
         dict(
             model_type="bert",
             hidden_size=8,
@@ -52,7 +46,7 @@ def test_shape_is_read_from_configs():
 
 
 def test_generator_flops_and_bytes_by_hand():
-    shape = _shape(dict(model_type="llama", **TINY))
+    shape = bench.preset_shape(dict(model_type="llama", **TINY))
     # Per token and layer: q 2*8*8 + k 2*8*4 + v 2*8*4 + o 2*8*8 + MLP 2*3*8*16 = 128 + 64 + 64 + 128 + 768 = 1152.
     per_token = 2 * 1152
     # Attention: (2 for QK + 2 for AV) FLOPs x 2 heads x 4 dims = 32 per (query, key) pair and layer; 2 layers.
@@ -70,7 +64,7 @@ def test_generator_flops_and_bytes_by_hand():
 
 
 def test_compressor_flops_by_hand():
-    one_layer = _shape(dict(model_type="llama", **{**TINY, "num_hidden_layers": 1}))
+    one_layer = bench.preset_shape(dict(model_type="llama", **{**TINY, "num_hidden_layers": 1}))
     n_layers = compressor_phase(one_layer, row_lengths=[3, 5], num_memory_tokens=2, generator_hidden_size=8)
     # 8 tokens x 1152 FLOPs, plus causal pairs (6 + 15) x 32 FLOPs; no LM head in a compressor.
     assert n_layers.flops == 1152 * 8 + 32 * 21 == 9888
@@ -96,7 +90,7 @@ def test_roofline_takes_the_slower_bound_of_each_step():
 def test_mistral_shape_reproduces_the_papers_flops():
     """OSCAR Table 1 (batch 1, 128 + 10 x 128 tokens, 32 generated): 20.33 TF uncompressed, 3.49 compressed generation,
     3.04 / 4.87 TF for the 5 / 8 layer compressors counted over 10 x (128 + 8) tokens."""
-    mistral = _shape(bench.GENERATOR_SHAPES["mistral-7b"])
+    mistral = bench.preset_shape(bench.GENERATOR_SHAPES["mistral-7b"])
 
     def total(phases):
         return sum(p.flops for p in phases) / 1e12

@@ -179,6 +179,12 @@ def _special_token_ids(tokenizer) -> dict:
     return ids
 
 
+def preset_shape(preset: dict) -> TransformerShape:
+    """The layer geometry of a shape preset (`GENERATOR_SHAPES`, `ENCODER_SHAPES`), without building weights."""
+    fields = dict(preset)
+    return TransformerShape.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
+
+
 def _config(shape: dict, tokenizer, attn_implementation: str):
     fields = dict(shape)
     config = AutoConfig.for_model(
