@@ -325,3 +325,22 @@ def test_set_encoder_attention_leaves_generator_and_n_layers_alone(make_model, m
     before = n_layers.compressor.config._attn_implementation
     bench.set_encoder_attention(n_layers, "eager")
     assert n_layers.compressor.config._attn_implementation == before
+
+
+def test_overlap_timeline_reads_concurrency_per_stream(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "overlap_timeline.py"
+    spec = importlib.util.spec_from_file_location("overlap_timeline", script)
+    timeline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(timeline)
+    kernel = lambda stream, ts, dur: {"cat": "kernel", "ts": ts, "dur": dur, "args": {"stream": stream}}  # noqa: E731
+    events = [kernel(7, 0, 10), kernel(7, 5, 15), kernel(7, 30, 10), kernel(58, 15, 20), {"cat": "cpu_op", "ts": 0}]
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+
+    streams = timeline.stream_timeline(str(trace))
+    assert streams == {7: [(0, 20), (30, 40)], 58: [(15, 35)]}
+    assert timeline.overlap_length(streams[7], streams[58]) == 10  # 15-20 and 30-35
+    assert timeline.busy_intervals(streams[7] + streams[58]) == [(0, 40)]
