@@ -139,12 +139,18 @@ def run_compressor(
     decay = {n for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1}  # before FSDP flattens them
     compressor_lr = DEFAULT_COMPRESSOR_LR[model.config.compressor_type]
     counts = parameter_counts(model)
-    if accelerator.distributed_type == DistributedType.FSDP:
-        model.float()  # one dtype per flattened unit; FSDP's bf16 mixed precision computes in bf16, as scaledown-train
-    model = accelerator.prepare(model)  # FSDP shards the model before the optimizer sees its parameters
     fused = accelerator.device.type == "cuda"
-    groups = parameter_groups(model, 1e-4, compressor_lr, 0.1, decay)
-    optimizer = accelerator.prepare(torch.optim.AdamW(groups, fused=fused))
+
+    def optimizer_for(model):
+        return torch.optim.AdamW(parameter_groups(model, 1e-4, compressor_lr, 0.1, decay), fused=fused)
+
+    if accelerator.is_fsdp2:  # prepare swaps each parameter for its shard and points the optimizer at the shards
+        model, optimizer = accelerator.prepare(model, optimizer_for(model))
+    else:
+        if accelerator.distributed_type == DistributedType.FSDP:  # FSDP1 flattens each unit into one dtype
+            model.float()  # its bf16 mixed precision still computes in bf16, as scaledown-train
+        model = accelerator.prepare(model)  # FSDP1 flattens the model before the optimizer may see its parameters
+        optimizer = accelerator.prepare(optimizer_for(model))
     best = None
     for batch_size in batch_sizes:  # ascending: keep the largest that fits
         try:
@@ -153,6 +159,7 @@ def run_compressor(
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
+            accelerator.print(f"  {compressor} batch {batch_size}: out of memory", flush=True)
             optimizer.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
             break

@@ -436,6 +436,13 @@ class ScaleDownForCausalLM(ScaleDownPreTrainedModel):
             memory_states = self.connector(memory_states)  # (n_documents, l, generator_hidden)
         return memory_states, scores
 
+    def get_input_embeddings(self) -> torch.nn.Module:
+        """The generator's token embeddings: what the prompt's text becomes (accelerate's FSDP2 shards them apart)."""
+        return self.generator.get_input_embeddings()
+
+    def set_input_embeddings(self, value: torch.nn.Module) -> None:
+        self.generator.set_input_embeddings(value)
+
     def embed_generator_inputs(self, input_ids: torch.LongTensor, compressed: torch.Tensor) -> torch.Tensor:
         """Embed generator ids and write each document's vectors at its own placeholders, in order.
 

@@ -219,8 +219,10 @@ def train(args: ScaleDownArguments, training_args: TrainingArguments) -> ScaleDo
         compressor_learning_rate=args.compressor_learning_rate or DEFAULT_COMPRESSOR_LR[model.config.compressor_type],
         callbacks=[LossCurveCallback()],
     )
-    if trainer.is_fsdp_enabled:  # FSDP flattens each wrapped unit into one tensor, so its parameters share a dtype;
-        model.float()  # FSDP's bf16 mixed precision still computes in bf16 (the frozen weights are sharded in fp32)
+    if trainer.is_fsdp_enabled and trainer.accelerator.state.fsdp_plugin.fsdp_version == 1:
+        # FSDP1 flattens each wrapped unit into one tensor of one dtype, so the frozen bf16 weights must go to float32
+        # (its bf16 mixed precision still computes in bf16). FSDP2 shards each parameter apart and keeps their dtypes.
+        model.float()
     resume = training_args.resume_from_checkpoint
     if resume in ("last", "true", "True"):
         resume = get_last_checkpoint(training_args.output_dir)

@@ -333,3 +333,13 @@ def test_follows_model_dtype(make_model):
     compressed = model.compress(QUESTIONS[:1], DOCUMENTS[:1]).embeddings[0]
     assert compressed.dtype == torch.bfloat16
     assert len(model.generate_from_documents(QUESTIONS[:1], DOCUMENTS[:1], max_new_tokens=2)) == 1
+
+
+def test_input_embeddings_are_the_generators_and_nothing_gets_tied(make_model, tmp_path):
+    """accelerate's FSDP2 asks for the input embeddings; transformers must still find no output head to tie to them."""
+    model = make_model("mistral")
+    assert model.get_input_embeddings() is model.generator.get_input_embeddings()
+    assert model.get_output_embeddings() is None
+    model.save_pretrained(tmp_path)
+    generator = ScaleDownForCausalLM.from_pretrained(tmp_path).generator
+    assert generator.get_output_embeddings().weight.data_ptr() != generator.get_input_embeddings().weight.data_ptr()

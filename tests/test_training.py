@@ -263,3 +263,18 @@ def test_yaml_config_with_cli_override(generator_dirs, tmp_path):
     config.write_text(f"learning_rate: 0.0005\nnum_layers: 3\ntrain_data: {data}\n")
     args, training_args = parse_arguments(["--config", str(config), "--num_layers", "2", "--output_dir", str(tmp_path)])
     assert training_args.learning_rate == 0.0005 and args.num_layers == 2 and args.train_data == data
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "fsdp1", "deepspeed_zero3"])
+def test_accelerate_configs_load(name):
+    """The README's multi-GPU commands point at these files; FSDP ones must gather full checkpoints for from_pretrained."""
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / f"{name}.yaml"
+    config = load_config_from_file(str(path))
+    assert config.num_processes >= 2
+    if name.startswith("fsdp"):
+        assert config.fsdp_config["fsdp_version"] == (1 if name == "fsdp1" else 2)
+        assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
