@@ -108,15 +108,15 @@ def main() -> None:
         for name, model in models.items():
             print(f"{name} compressor: compiled {compile_compressor(model)}")
 
+    kernel = args.decode_attention_kernel
     fast = {
-        "uncompressed": StaticGreedyGenerator(generator).generate(
+        "uncompressed": StaticGreedyGenerator(generator, decode_attention_kernel=kernel).generate(
             **text_inputs, max_new_tokens=steps, pad_token_id=pad, return_scores=True
         )
     }
     for name, model in models.items():
-        fast[name] = generate_compressed(
-            model, batches[name], StaticGreedyGenerator(model.generator), steps, stop_at_eos=False, return_scores=True
-        )
+        side_engine = StaticGreedyGenerator(model.generator, decode_attention_kernel=kernel)
+        fast[name] = generate_compressed(model, batches[name], side_engine, steps, stop_at_eos=False, return_scores=True)
     engine = "fast path" + (" (compiled)" if args.compile else "")
     for name in run_plain:
         print(f"== {name}")

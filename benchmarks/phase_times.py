@@ -49,7 +49,7 @@ def main() -> None:
         print(f"compiled {compile_elementwise_work(generator)}", flush=True)
     batch_sizes = [int(b) for b in args.phase_batch_sizes.split(",")]
     questions, documents = bench.synthetic_requests(tokenizer, protocol, max(batch_sizes), seed=args.seed)
-    engine = StaticGreedyGenerator(generator)
+    engine = StaticGreedyGenerator(generator, decode_attention_kernel=args.decode_attention_kernel)
     steps = protocol.new_tokens
     rows = []
     for batch_size in batch_sizes:

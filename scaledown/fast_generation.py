@@ -13,6 +13,7 @@ transformers 4.57 and 5 passes through unchanged; a left-padded prompt keeps its
 """
 
 import contextlib
+import functools
 import sys
 from dataclasses import dataclass
 
@@ -21,16 +22,38 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, StaticCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-GROUPED_DECODE_ATTENTION = "scaledown_grouped_decode_sdpa"
 # How a decode step's grouped attention is computed: "sdpa" lets PyTorch pick (cuDNN on an H100), the next three force
-# one SDPA backend, "matmul" is two batched matrix products around a float32 softmax. `benchmarks/decode_attention.py`
-# times them at the bench's shapes; DECODE_ATTENTION_KERNEL is the measured choice.
-DECODE_ATTENTION_KERNELS = ("sdpa", "cudnn", "efficient", "math", "matmul")
+# one SDPA backend, "matmul" is two batched matrix products around a float32 softmax, "flex" is PyTorch's flex
+# attention (compiled on CUDA: its split-key decoding kernel). `benchmarks/decode_attention.py` times them alone at the
+# bench's shapes and `scaledown-bench --decode_attention_kernel` inside the engine; DECODE_ATTENTION_KERNEL is the
+# measured choice (benchmarks/NOTES.md: flex reads a short cache faster alone, but gained nothing inside the engine).
+DECODE_ATTENTION_KERNELS = ("sdpa", "cudnn", "efficient", "math", "matmul", "flex")
 DECODE_ATTENTION_KERNEL = "sdpa"
+
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)  # a second batch shape recompiles it once, with dynamic sizes
+
+
+def _flex_grouped_attention(query, key, value, allowed, scaling):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    allowed_slots = allowed[:, 0, 0, :]  # (batch, slots)
+
+    def keep_allowed(score, batch, head, query_index, slot):
+        return torch.where(allowed_slots[batch, slot], score, -float("inf"))
+
+    attend = _compiled_flex_attention() if query.is_cuda else flex_attention  # eager flex is a reference, not fast
+    return attend(query, key, value, score_mod=keep_allowed, scale=scaling)
 
 
 def _grouped_attention(query, key, value, allowed, scaling, kernel):
     """query `(batch, kv_heads, group, head_dim)` against key/value `(batch, kv_heads, slots, head_dim)`."""
+    if kernel == "flex":
+        return _flex_grouped_attention(query, key, value, allowed, scaling)
     if kernel == "matmul":
         scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (batch, kv_heads, group, slots)
         weights = scores.float().masked_fill(~allowed, float("-inf")).softmax(-1).to(value.dtype)
@@ -47,7 +70,7 @@ def _grouped_attention(query, key, value, allowed, scaling, kernel):
 
 
 def grouped_decode_attention(
-    module, query, key, value, attention_mask, dropout=0.0, scaling=None, kernel=None, **kwargs
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, kernel=DECODE_ATTENTION_KERNEL, **kwargs
 ):
     """SDPA for one-token decoding under a mask without copying keys and values for every query head.
 
@@ -56,7 +79,7 @@ def grouped_decode_attention(
     the heads of a group can instead be laid out as the group's query positions: same scores, no copy.
     query: `(batch, heads, 1, head_dim)`; key, value: `(batch, kv_heads, slots, head_dim)`; attention_mask a
     `(batch, 1, 1, slots)` boolean. Returns `(batch, 1, heads, head_dim)` as transformers' attention functions do.
-    `kernel` (one of DECODE_ATTENTION_KERNELS) defaults to DECODE_ATTENTION_KERNEL.
+    `kernel` is one of DECODE_ATTENTION_KERNELS.
     """
     batch, heads, query_len, head_dim = query.shape
     kv_heads = key.shape[1]
@@ -64,20 +87,25 @@ def grouped_decode_attention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     scaling = head_dim**-0.5 if scaling is None else scaling
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, head_dim)  # head h belongs to group h // (heads/kv)
-    output = _grouped_attention(grouped, key, value, attention_mask, scaling, kernel or DECODE_ATTENTION_KERNEL)
+    output = _grouped_attention(grouped, key, value, attention_mask, scaling, kernel)
     return output.reshape(batch, 1, heads, head_dim), None
 
 
-AttentionInterface.register(GROUPED_DECODE_ATTENTION, grouped_decode_attention)
+def _attention_name(kernel: str) -> str:
+    return f"scaledown_grouped_decode_{kernel}"
+
+
+for _kernel in DECODE_ATTENTION_KERNELS:  # one registered attention function per kernel, chosen through the config
+    AttentionInterface.register(_attention_name(_kernel), functools.partial(grouped_decode_attention, kernel=_kernel))
 
 
 @contextlib.contextmanager
-def _decode_attention(generator):
+def _decode_attention(generator, kernel: str):
     """Route the generator's SDPA attention through `grouped_decode_attention` (other implementations untouched)."""
     config = generator.config
     previous = config._attn_implementation
     if previous == "sdpa":
-        config._attn_implementation = GROUPED_DECODE_ATTENTION
+        config._attn_implementation = _attention_name(kernel)
     try:
         yield
     finally:
@@ -107,9 +135,19 @@ class StaticGreedyGenerator:
     that repeated calls of the same shape replay without re-capturing. A new shape releases the old state.
     """
 
-    def __init__(self, generator: torch.nn.Module, use_cuda_graph: bool | None = None):
+    def __init__(
+        self,
+        generator: torch.nn.Module,
+        use_cuda_graph: bool | None = None,
+        decode_attention_kernel: str = DECODE_ATTENTION_KERNEL,
+    ):
+        if decode_attention_kernel not in DECODE_ATTENTION_KERNELS:
+            raise ValueError(
+                f"Unknown decode attention kernel {decode_attention_kernel!r}; choose one of {DECODE_ATTENTION_KERNELS}."
+            )
         self.generator = generator
         self.use_cuda_graph = use_cuda_graph
+        self.decode_attention_kernel = decode_attention_kernel
         self._key_now = None  # the key of the state held
         self._state: _DecodeState | None = None
 
@@ -168,7 +206,7 @@ class StaticGreedyGenerator:
     def _decode_step(self, state: _DecodeState, eos_token_id: int | None, pad_token_id: int, dtype) -> None:
         state.key_mask.index_fill_(1, state.cache_position, True)
         allowed = state.key_mask[:, None, None, :]  # (batch, 1, 1, max_len)
-        with _decode_attention(self.generator):
+        with _decode_attention(self.generator, self.decode_attention_kernel):
             logits = self.generator(
                 input_ids=state.tokens,
                 attention_mask=self._as_attention_mask(allowed, dtype),

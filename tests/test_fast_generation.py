@@ -23,6 +23,23 @@ def test_compressed_answers_equal_generate(make_model, arch):
     assert torch.equal(again, fast)
 
 
+@pytest.mark.parametrize("kernel", ["flex", "matmul"])
+def test_decode_attention_kernels_answer_as_generate(make_model, kernel):
+    model = make_model("mistral")
+    config = model.generator.config
+    assert config.num_key_value_heads < config.num_attention_heads  # so the grouped decode attention runs
+    batch = model.input_builder(QUESTIONS, DOCUMENTS)
+    expected = model.generate(**batch, max_new_tokens=10)
+    engine = StaticGreedyGenerator(model.generator, decode_attention_kernel=kernel)
+    fast = generate_compressed(model, batch, engine, max_new_tokens=10)
+    assert torch.equal(fast[:, : expected.shape[1]], expected)
+
+
+def test_unknown_engine_decode_attention_kernel():
+    with pytest.raises(ValueError, match="Unknown decode attention kernel"):
+        StaticGreedyGenerator(torch.nn.Linear(2, 2), decode_attention_kernel="flash")
+
+
 def test_overlapped_stream_answers_each_batch_as_alone(make_model):
     from scaledown.fast_generation import generate_compressed_overlapped
 
@@ -122,7 +139,7 @@ def test_grouped_decode_attention_equals_repeated_heads():
     torch.testing.assert_close(grouped, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", ["sdpa", "math", "matmul"])  # cudnn and efficient exist on CUDA only
+@pytest.mark.parametrize("kernel", ["sdpa", "math", "matmul", "flex"])  # cudnn and efficient exist on CUDA only
 def test_decode_attention_kernels_agree(kernel):
     from scaledown.fast_generation import grouped_decode_attention
 

@@ -36,6 +36,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrained
 
 from ..configuration_scaledown import DEFAULT_SYSTEM_PROMPT, ScaleDownConfig
 from ..fast_generation import (
+    DECODE_ATTENTION_KERNEL,
+    DECODE_ATTENTION_KERNELS,
     StaticGreedyGenerator,
     compile_compressor,
     compile_elementwise_work,
@@ -309,11 +311,16 @@ class UncompressedSide:
         protocol: Protocol,
         dtype_bytes: int,
         engine: str = "generate",
+        decode_attention_kernel: str = DECODE_ATTENTION_KERNEL,
     ):
         self.generator, self.tokenizer, self.system_prompt = generator, tokenizer, system_prompt
         self.pad_token_id, self.protocol, self.dtype_bytes = pad_token_id, protocol, dtype_bytes
         self.shape = TransformerShape.from_config(generator.config)
-        self.fast = StaticGreedyGenerator(generator) if engine == "static" else None
+        self.fast = (
+            StaticGreedyGenerator(generator, decode_attention_kernel=decode_attention_kernel)
+            if engine == "static"
+            else None
+        )
 
     def prepare(self, questions: list[str], documents: list[list[str]], device: torch.device) -> PreparedBatch:
         prompts = [text_prompt(self.tokenizer, q, docs, self.system_prompt) for q, docs in zip(questions, documents)]
@@ -343,9 +350,14 @@ class CompressedSide:
         dtype_bytes: int,
         engine: str = "generate",
         overlap_batches: int = 1,
+        decode_attention_kernel: str = DECODE_ATTENTION_KERNEL,
     ):
         self.name, self.model, self.protocol, self.dtype_bytes = name, model, protocol, dtype_bytes
-        self.fast = StaticGreedyGenerator(model.generator) if engine == "static" else None
+        self.fast = (
+            StaticGreedyGenerator(model.generator, decode_attention_kernel=decode_attention_kernel)
+            if engine == "static"
+            else None
+        )
         if overlap_batches > 1 and self.fast is None:
             raise ValueError("--overlap_batches needs --engine static (the overlap runs beside its decode graphs).")
         self.batches_per_run = overlap_batches  # a run answers the batch this many times, as a stream
@@ -731,6 +743,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="compressed sides, static engine: time a stream of this many batches, each next batch compressed on a "
         "side CUDA stream while the current one decodes (times stay per query)",
     )
+    parser.add_argument(
+        "--decode_attention_kernel",
+        default=DECODE_ATTENTION_KERNEL,
+        choices=DECODE_ATTENTION_KERNELS,
+        help="static engine: the decode steps' attention kernel, both sides",
+    )
     parser.add_argument("--peak_tflops", type=float, default=None, help="override the detected dense bf16 peak")
     parser.add_argument("--peak_bandwidth_tbs", type=float, default=None, help="override the detected memory bandwidth")
     parser.add_argument("--seed", type=int, default=0)
@@ -781,6 +799,7 @@ def _settings(
         }[args.engine],
         "compile": args.compile,
         "overlap_batches": args.overlap_batches,
+        "decode_attention_kernel": args.decode_attention_kernel,
         "hardware": asdict(hardware) if hardware is not None else None,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "notes": (
@@ -865,6 +884,7 @@ def run(args: argparse.Namespace) -> dict:
     stem += "_compiled" if args.compile else ""
     stem += f"_encoder-{args.encoder_attn_implementation}" if args.encoder_attn_implementation else ""
     stem += f"_overlap{args.overlap_batches}" if args.overlap_batches > 1 else ""
+    stem += f"_decode-{args.decode_attention_kernel}" if args.decode_attention_kernel != DECODE_ATTENTION_KERNEL else ""
     json_path, png_path = (os.path.join(args.output_dir, f"{stem}.{ext}") for ext in ("json", "png"))
     run_side = dict(
         requests=requests,
@@ -885,7 +905,10 @@ def run(args: argparse.Namespace) -> dict:
         model.compressor.to("cpu")
         _free_memory(device)
     uncompressed = bench_side(
-        UncompressedSide(generator, tokenizer, system_prompt, pad_id, protocol, dtype_bytes, args.engine), **run_side
+        UncompressedSide(
+            generator, tokenizer, system_prompt, pad_id, protocol, dtype_bytes, args.engine, args.decode_attention_kernel
+        ),
+        **run_side,
     )
     if model is not None:
         model.compressor.to(device)
@@ -903,7 +926,9 @@ def run(args: argparse.Namespace) -> dict:
         set_encoder_attention(scaledown, args.encoder_attn_implementation)
         if args.compile:
             log(f"{name} compressor: compiled {compile_compressor(scaledown)}")
-        side = CompressedSide(name, scaledown, protocol, dtype_bytes, args.engine, args.overlap_batches)
+        side = CompressedSide(
+            name, scaledown, protocol, dtype_bytes, args.engine, args.overlap_batches, args.decode_attention_kernel
+        )
         compressed = bench_side(side, **run_side)
         for label, record in compressed.items():
             if "error" not in record and "error" not in uncompressed[label]:
