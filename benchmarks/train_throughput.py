@@ -22,7 +22,6 @@ import time
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 from transformers import AutoModel, AutoModelForCausalLM
 
 from scaledown import ScaleDownConfig, ScaleDownForCausalLM
@@ -37,7 +36,7 @@ from scaledown.evaluation.bench import (
     synthetic_requests,
     synthetic_text,
 )
-from scaledown.trainer import DEFAULT_COMPRESSOR_LR, parameter_groups
+from scaledown.trainer import DEFAULT_COMPRESSOR_LR, parameter_groups, upcast_for_fsdp1
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -147,8 +146,7 @@ def run_compressor(
     if accelerator.is_fsdp2:  # prepare swaps each parameter for its shard and points the optimizer at the shards
         model, optimizer = accelerator.prepare(model, optimizer_for(model))
     else:
-        if accelerator.distributed_type == DistributedType.FSDP:  # FSDP1 flattens each unit into one dtype
-            model.float()  # its bf16 mixed precision still computes in bf16, as scaledown-train
+        upcast_for_fsdp1(model, accelerator)  # as scaledown-train does
         model = accelerator.prepare(model)  # FSDP1 flattens the model before the optimizer may see its parameters
         optimizer = accelerator.prepare(optimizer_for(model))
     best = None

@@ -31,6 +31,11 @@ DECODE_ATTENTION_KERNELS = ("sdpa", "cudnn", "efficient", "math", "matmul", "fle
 DECODE_ATTENTION_KERNEL = "sdpa"
 
 
+def _check_decode_attention_kernel(kernel: str) -> None:
+    if kernel not in DECODE_ATTENTION_KERNELS:
+        raise ValueError(f"Unknown decode attention kernel {kernel!r}; choose one of {DECODE_ATTENTION_KERNELS}.")
+
+
 @functools.cache
 def _compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
@@ -52,6 +57,7 @@ def _flex_grouped_attention(query, key, value, allowed, scaling):
 
 def _grouped_attention(query, key, value, allowed, scaling, kernel):
     """query `(batch, kv_heads, group, head_dim)` against key/value `(batch, kv_heads, slots, head_dim)`."""
+    _check_decode_attention_kernel(kernel)
     if kernel == "flex":
         return _flex_grouped_attention(query, key, value, allowed, scaling)
     if kernel == "matmul":
@@ -62,10 +68,8 @@ def _grouped_attention(query, key, value, allowed, scaling, kernel):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}.get(kernel)
-    if kernel != "math" and backend is None:
-        raise ValueError(f"Unknown decode attention kernel {kernel!r}; choose one of {DECODE_ATTENTION_KERNELS}.")
-    with sdpa_kernel(backend if backend is not None else SDPBackend.MATH):
+    backends = dict(cudnn=SDPBackend.CUDNN_ATTENTION, efficient=SDPBackend.EFFICIENT_ATTENTION, math=SDPBackend.MATH)
+    with sdpa_kernel(backends[kernel]):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling)
 
 
@@ -141,10 +145,7 @@ class StaticGreedyGenerator:
         use_cuda_graph: bool | None = None,
         decode_attention_kernel: str = DECODE_ATTENTION_KERNEL,
     ):
-        if decode_attention_kernel not in DECODE_ATTENTION_KERNELS:
-            raise ValueError(
-                f"Unknown decode attention kernel {decode_attention_kernel!r}; choose one of {DECODE_ATTENTION_KERNELS}."
-            )
+        _check_decode_attention_kernel(decode_attention_kernel)
         self.generator = generator
         self.use_cuda_graph = use_cuda_graph
         self.decode_attention_kernel = decode_attention_kernel

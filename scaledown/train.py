@@ -32,6 +32,7 @@ from .trainer import (
     plot_loss_curve,
     pretraining_examples,
     read_texts,
+    upcast_for_fsdp1,
 )
 
 
@@ -219,10 +220,8 @@ def train(args: ScaleDownArguments, training_args: TrainingArguments) -> ScaleDo
         compressor_learning_rate=args.compressor_learning_rate or DEFAULT_COMPRESSOR_LR[model.config.compressor_type],
         callbacks=[LossCurveCallback()],
     )
-    if trainer.is_fsdp_enabled and trainer.accelerator.state.fsdp_plugin.fsdp_version == 1:
-        # FSDP1 flattens each wrapped unit into one tensor of one dtype, so the frozen bf16 weights must go to float32
-        # (its bf16 mixed precision still computes in bf16). FSDP2 shards each parameter apart and keeps their dtypes.
-        model.float()
+    if trainer.is_fsdp_enabled:
+        upcast_for_fsdp1(model, trainer.accelerator)
     resume = training_args.resume_from_checkpoint
     if resume in ("last", "true", "True"):
         resume = get_last_checkpoint(training_args.output_dir)

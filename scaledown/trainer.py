@@ -193,6 +193,15 @@ class ScaleDownTrainer(ScaleDownTrainingMixin, Trainer):
                 handle.write(self.args.to_json_string())
 
 
+def upcast_for_fsdp1(model, accelerator) -> None:
+    """FSDP1 flattens each wrapped unit into one tensor of one dtype, so the frozen bf16 weights go to float32 beside
+    the trainable ones (its bf16 mixed precision still computes in bf16). FSDP2 shards each parameter apart and keeps
+    their dtypes; DDP and one device need nothing."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is not None and plugin.fsdp_version == 1:
+        model.float()
+
+
 _WRAPPER_SEGMENTS = re.compile(r"^module\.|_fsdp_wrapped_module\.|_checkpoint_wrapped_module\.|_orig_mod\.")
 
 

@@ -278,3 +278,15 @@ def test_accelerate_configs_load(name):
     if name.startswith("fsdp"):
         assert config.fsdp_config["fsdp_version"] == (1 if name == "fsdp1" else 2)
         assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+
+
+@pytest.mark.parametrize("fsdp_version, dtype", [(1, torch.float32), (2, torch.bfloat16), (None, torch.bfloat16)])
+def test_only_fsdp1_upcasts_the_frozen_weights(fsdp_version, dtype):
+    from types import SimpleNamespace
+
+    from scaledown.trainer import upcast_for_fsdp1
+
+    model = torch.nn.Linear(2, 2).to(torch.bfloat16)
+    plugin = SimpleNamespace(fsdp_version=fsdp_version) if fsdp_version else None
+    upcast_for_fsdp1(model, SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))
+    assert model.weight.dtype == dtype

@@ -296,6 +296,13 @@ class PreparedBatch:
     compressor_tokens: dict[str, float] | None = None  # convention -> mean tokens per document row
 
 
+def static_engine(generator, engine: str, decode_attention_kernel: str) -> StaticGreedyGenerator | None:
+    """The side's fast engine for `--engine static`; None for transformers' `generate`."""
+    if engine != "static":
+        return None
+    return StaticGreedyGenerator(generator, decode_attention_kernel=decode_attention_kernel)
+
+
 class UncompressedSide:
     """The base generator reading the full document text."""
 
@@ -316,11 +323,7 @@ class UncompressedSide:
         self.generator, self.tokenizer, self.system_prompt = generator, tokenizer, system_prompt
         self.pad_token_id, self.protocol, self.dtype_bytes = pad_token_id, protocol, dtype_bytes
         self.shape = TransformerShape.from_config(generator.config)
-        self.fast = (
-            StaticGreedyGenerator(generator, decode_attention_kernel=decode_attention_kernel)
-            if engine == "static"
-            else None
-        )
+        self.fast = static_engine(generator, engine, decode_attention_kernel)
 
     def prepare(self, questions: list[str], documents: list[list[str]], device: torch.device) -> PreparedBatch:
         prompts = [text_prompt(self.tokenizer, q, docs, self.system_prompt) for q, docs in zip(questions, documents)]
@@ -353,11 +356,7 @@ class CompressedSide:
         decode_attention_kernel: str = DECODE_ATTENTION_KERNEL,
     ):
         self.name, self.model, self.protocol, self.dtype_bytes = name, model, protocol, dtype_bytes
-        self.fast = (
-            StaticGreedyGenerator(model.generator, decode_attention_kernel=decode_attention_kernel)
-            if engine == "static"
-            else None
-        )
+        self.fast = static_engine(model.generator, engine, decode_attention_kernel)
         if overlap_batches > 1 and self.fast is None:
             raise ValueError("--overlap_batches needs --engine static (the overlap runs beside its decode graphs).")
         self.batches_per_run = overlap_batches  # a run answers the batch this many times, as a stream
@@ -906,7 +905,8 @@ def run(args: argparse.Namespace) -> dict:
         _free_memory(device)
     uncompressed = bench_side(
         UncompressedSide(
-            generator, tokenizer, system_prompt, pad_id, protocol, dtype_bytes, args.engine, args.decode_attention_kernel
+            generator, tokenizer, system_prompt, pad_id, protocol, dtype_bytes, args.engine,
+            args.decode_attention_kernel,
         ),
         **run_side,
     )
