@@ -17,7 +17,7 @@ import torch
 from scaledown.evaluation import bench
 from scaledown.evaluation.evaluate import resolve_device
 from scaledown.evaluation.flops import TransformerShape, detect_hardware
-from scaledown.fast_generation import DECODE_ATTENTION_KERNELS, grouped_decode_attention
+from scaledown.fast_generation import DECODE_ATTENTION_KERNELS, cuda_graph_milliseconds, grouped_decode_attention
 
 
 def decode_inputs(shape: TransformerShape, batch: int, slots: int, device, dtype, seed: int = 0):
@@ -46,24 +46,7 @@ def graph_time_us(function, device, calls: int = 32, replays: int = 10) -> float
         for _ in range(calls):
             function()
         return 1e6 * (time.perf_counter() - start) / calls
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            function()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            function()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return 1000 * start.elapsed_time(end) / (calls * replays)
+    return 1000 * cuda_graph_milliseconds(function, calls, replays)
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ transformers 4.57 and 5 passes through unchanged; a left-padded prompt keeps its
 
 import contextlib
 import functools
+import re
 import sys
 from dataclasses import dataclass
 
@@ -25,34 +26,42 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 # How a decode step's grouped attention is computed: "sdpa" lets PyTorch pick (cuDNN on an H100), the next three force
 # one SDPA backend, "matmul" is two batched matrix products around a float32 softmax, "flex" is PyTorch's flex
 # attention (compiled on CUDA: its split-key decoding kernel). `benchmarks/decode_attention.py` times them alone at the
-# bench's shapes and `scaledown-bench --decode_attention_kernel` inside the engine; DECODE_ATTENTION_KERNEL is the
-# measured choice (benchmarks/NOTES.md: flex reads a short cache faster alone, but gained nothing inside the engine).
+# bench's shapes and `scaledown-bench --decode_attention_kernel` inside the engine. The engine's default, "auto", times
+# AUTO_CANDIDATES on each new batch shape's own cache before capturing its graph and keeps the faster (on an H100 flex
+# for short caches, cuDNN for long ones: benchmarks/NOTES.md); off CUDA it is "sdpa".
 DECODE_ATTENTION_KERNELS = ("sdpa", "cudnn", "efficient", "math", "matmul", "flex")
-DECODE_ATTENTION_KERNEL = "sdpa"
+AUTO_CANDIDATES = ("sdpa", "flex")
+DECODE_ATTENTION_KERNEL = "auto"
 
 
-def _check_decode_attention_kernel(kernel: str) -> None:
-    if kernel not in DECODE_ATTENTION_KERNELS:
-        raise ValueError(f"Unknown decode attention kernel {kernel!r}; choose one of {DECODE_ATTENTION_KERNELS}.")
+def _check_decode_attention_kernel(kernel: str, allow_auto: bool = False) -> None:
+    choices = DECODE_ATTENTION_KERNELS + (("auto",) if allow_auto else ())
+    if kernel not in choices:
+        raise ValueError(f"Unknown decode attention kernel {kernel!r}; choose one of {choices}.")
 
 
-@functools.cache
-def _compiled_flex_attention():
+def _flex_decode_attention(query, key, value, allowed_slots, scaling):
     from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention)  # a second batch shape recompiles it once, with dynamic sizes
-
-
-def _flex_grouped_attention(query, key, value, allowed, scaling):
-    from torch.nn.attention.flex_attention import flex_attention
-
-    allowed_slots = allowed[:, 0, 0, :]  # (batch, slots)
 
     def keep_allowed(score, batch, head, query_index, slot):
         return torch.where(allowed_slots[batch, slot], score, -float("inf"))
 
-    attend = _compiled_flex_attention() if query.is_cuda else flex_attention  # eager flex is a reference, not fast
-    return attend(query, key, value, score_mod=keep_allowed, scale=scaling)
+    return flex_attention(query, key, value, score_mod=keep_allowed, scale=scaling)
+
+
+@functools.cache
+def _compiled_flex_decode_attention():
+    # Static shapes: compiled for dynamic ones (torch.compile's default after a second shape), the decoding kernel
+    # read a 512 x 286-slot cache slower than cuDNN, against 0.8 times cuDNN's time when compiled for that shape.
+    # A shape past torch.compile's recompilation limit runs eagerly, and "auto" then keeps SDPA.
+    return torch.compile(_flex_decode_attention, dynamic=False)
+
+
+def _flex_grouped_attention(query, key, value, allowed, scaling):
+    allowed_slots = allowed[:, 0, 0, :]  # (batch, slots)
+    # eager flex attention is a reference implementation, not a fast kernel: compiled wherever it runs for speed
+    attend = _compiled_flex_decode_attention() if query.is_cuda else _flex_decode_attention
+    return attend(query, key, value, allowed_slots, scaling)
 
 
 def _grouped_attention(query, key, value, allowed, scaling, kernel):
@@ -74,7 +83,7 @@ def _grouped_attention(query, key, value, allowed, scaling, kernel):
 
 
 def grouped_decode_attention(
-    module, query, key, value, attention_mask, dropout=0.0, scaling=None, kernel=DECODE_ATTENTION_KERNEL, **kwargs
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, kernel="sdpa", **kwargs
 ):
     """SDPA for one-token decoding under a mask without copying keys and values for every query head.
 
@@ -116,6 +125,32 @@ def _decode_attention(generator, kernel: str):
         config._attn_implementation = previous
 
 
+def cuda_graph_milliseconds(function, calls: int = 8, replays: int = 5) -> float:
+    """GPU time of one call as the decode graph runs it: `calls` calls captured in one CUDA graph, replayed.
+
+    Timing plain calls would charge a compiled kernel's Python and guard overhead, which the graph removes (at 32
+    rows, flex attention measured 0.24 ms a call so, against 0.024 in a graph).
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (and compilation) off the capture, as capture requires
+        for _ in range(3):
+            function()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            function()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / (calls * replays)
+
+
 @dataclass
 class _DecodeState:
     """Everything one decode step reads and writes, at fixed addresses (a CUDA graph replays on these)."""
@@ -130,6 +165,8 @@ class _DecodeState:
     output: torch.Tensor  # (batch, max_new_tokens) generated ids, padding after EOS
     scores: torch.Tensor | None = None  # (batch, max_new_tokens, vocab) float32 logits, when asked for
     graph: "torch.cuda.CUDAGraph | None" = None
+    attention_kernel: str | None = None  # the decode attention kernel of this shape, once chosen
+    attention_kernel_ms: dict | None = None  # what "auto" measured: milliseconds a layer for each candidate
 
 
 class StaticGreedyGenerator:
@@ -145,7 +182,7 @@ class StaticGreedyGenerator:
         use_cuda_graph: bool | None = None,
         decode_attention_kernel: str = DECODE_ATTENTION_KERNEL,
     ):
-        _check_decode_attention_kernel(decode_attention_kernel)
+        _check_decode_attention_kernel(decode_attention_kernel, allow_auto=True)
         self.generator = generator
         self.use_cuda_graph = use_cuda_graph
         self.decode_attention_kernel = decode_attention_kernel
@@ -186,6 +223,16 @@ class StaticGreedyGenerator:
         tokens = (eos_token_id, pad_token_id)
         return (batch, prompt_len, max_new_tokens, attention_mask.device, dtype, return_scores, tokens)
 
+    @property
+    def attention_kernel(self) -> str | None:
+        """The decode attention kernel of the batch shape held (None before its first call)."""
+        return self._state.attention_kernel if self._state is not None else None
+
+    @property
+    def attention_kernel_ms(self) -> dict | None:
+        """For "auto" on CUDA, the milliseconds a layer it measured for each candidate on the shape held."""
+        return self._state.attention_kernel_ms if self._state is not None else None
+
     def has_graph_for(
         self, attention_mask: torch.Tensor, max_new_tokens: int, eos_token_id=None, pad_token_id=0, return_scores=False
     ) -> bool:
@@ -207,7 +254,7 @@ class StaticGreedyGenerator:
     def _decode_step(self, state: _DecodeState, eos_token_id: int | None, pad_token_id: int, dtype) -> None:
         state.key_mask.index_fill_(1, state.cache_position, True)
         allowed = state.key_mask[:, None, None, :]  # (batch, 1, 1, max_len)
-        with _decode_attention(self.generator, self.decode_attention_kernel):
+        with _decode_attention(self.generator, state.attention_kernel):
             logits = self.generator(
                 input_ids=state.tokens,
                 attention_mask=self._as_attention_mask(allowed, dtype),
@@ -219,6 +266,24 @@ class StaticGreedyGenerator:
         self._emit(state, logits, eos_token_id, pad_token_id)
         state.positions.add_(1)
         state.cache_position.add_(1)
+
+    def _choose_attention_kernel(self, state: _DecodeState) -> str:
+        """The configured kernel, or for "auto" the faster of AUTO_CANDIDATES on this state's filled cache."""
+        if self.decode_attention_kernel != "auto":
+            return self.decode_attention_kernel
+        key, value = state.cache.layers[0].keys, state.cache.layers[0].values  # (batch, kv_heads, slots, head_dim)
+        config = self.generator.config
+        heads = config.num_attention_heads
+        if key.device.type != "cuda" or key.shape[1] == heads:  # the grouped path only runs for grouped heads
+            return "sdpa"
+        batch, kv_heads, _, head_dim = key.shape
+        query = torch.randn(batch, kv_heads, heads // kv_heads, head_dim, dtype=key.dtype, device=key.device)
+        allowed = state.key_mask[:, None, None, :]
+        state.attention_kernel_ms = {
+            kernel: cuda_graph_milliseconds(lambda k=kernel: _grouped_attention(query, key, value, allowed, head_dim**-0.5, k))
+            for kernel in AUTO_CANDIDATES
+        }
+        return min(state.attention_kernel_ms, key=state.attention_kernel_ms.get)
 
     @staticmethod
     def _emit(state: _DecodeState, logits: torch.Tensor, eos_token_id: int | None, pad_token_id: int) -> None:
@@ -285,6 +350,8 @@ class StaticGreedyGenerator:
         del prefill
         state.positions.copy_(positions[:, -1:] + 1)
         state.cache_position.fill_(prompt_len)
+        if state.attention_kernel is None:
+            state.attention_kernel = self._choose_attention_kernel(state)
 
         remaining = max_new_tokens - 1
         use_graph = self.use_cuda_graph if self.use_cuda_graph is not None else device.type == "cuda"
@@ -400,6 +467,51 @@ def compile_elementwise_work(module: torch.nn.Module) -> str:
         setattr(family, ROTARY_FUNCTION, _compiled_rotary[family.__name__])
     names = sorted(family.__name__.rsplit(".", 1)[-1] for family in families)
     return f"{len(blocks)} norm and MLP blocks, rotary embedding of {', '.join(names) or 'none'}"
+
+
+FLEX_BLOCK_PREFIX = "flex_attention_block"
+
+
+def _flex_attention_with_tiles(module, query, key, value, attention_mask, tiles: tuple[int, int], **kwargs):
+    from transformers.integrations.flex_attention import flex_attention_forward
+
+    if query.is_cuda:  # tile sizes of the compiled kernel; CPU kernels choose their own
+        kwargs["kernel_options"] = {"BLOCK_M": tiles[0], "BLOCK_N": tiles[1]}
+    return flex_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _flex_block_mask_with_tiles(*args, tiles: tuple[int, int], **kwargs):
+    from torch.nn.attention.flex_attention import create_block_mask
+    from transformers.masking_utils import flex_attention_mask
+
+    mask = flex_attention_mask(*args, **kwargs)  # transformers' own mask (padding, offsets), at the default block size
+    batch, _, query_length, key_length = mask.shape
+    device = mask.kv_num_blocks.device
+    # built eagerly here and traced with the rest where the compressor is compiled (`compile_compressor`)
+    return create_block_mask(mask.mask_mod, batch, None, query_length, key_length, device=device, BLOCK_SIZE=tiles)
+
+
+def flex_attention_with_block_size(implementation: str) -> str:
+    """Register `flex_attention_block{M}x{N}` (or `...block{M}`, square): transformers' flex attention with query
+    tiles of M positions and key tiles of N, mask blocks to match; returns the name.
+
+    Flex attention's default 128 x 128 tiles fit long sequences. ModernBERT's compressor rows are 269 positions: at
+    128 they pad to 384 and a local layer's band (|i - j| <= 64) touches 7 of 9 tiles; smaller tiles pad less and the
+    band skips more of them. `benchmarks/encoder_attention.py` times the sizes; NOTES.md has the outcome.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    sizes = re.fullmatch(re.escape(FLEX_BLOCK_PREFIX) + r"(\d+)(?:x(\d+))?", implementation)
+    tiles = (int(sizes[1]), int(sizes[2] or sizes[1])) if sizes else None
+    if tiles is None or min(tiles) < 16:
+        raise ValueError(
+            f"{implementation!r} is not a flex attention tile size: use {FLEX_BLOCK_PREFIX}MxN (or M for M x M) with "
+            "tiles of at least 16 positions, e.g. flex_attention_block64x32 for ModernBERT's compressor rows."
+        )
+    AttentionInterface.register(implementation, functools.partial(_flex_attention_with_tiles, tiles=tiles))
+    AttentionMaskInterface.register(implementation, functools.partial(_flex_block_mask_with_tiles, tiles=tiles))
+    return implementation
 
 
 def compile_compressor(model) -> str:

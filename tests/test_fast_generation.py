@@ -21,6 +21,7 @@ def test_compressed_answers_equal_generate(make_model, arch):
     assert (fast[:, expected.shape[1] :] == model.input_builder.generator_pad_id).all()
     again = generate_compressed(model, batch, engine, max_new_tokens=10)  # reuses the cached state of this shape
     assert torch.equal(again, fast)
+    assert engine.attention_kernel == "sdpa"  # "auto" times its candidates on CUDA only
 
 
 @pytest.mark.parametrize("kernel", ["flex", "matmul"])
@@ -212,3 +213,47 @@ def test_compiled_generator_decodes_the_same_tokens(make_model, restore_rotary):
     compiled, compiled_scores = generate_compressed(model, batch, engine, max_new_tokens=6, return_scores=True)
     assert torch.equal(compiled, eager)
     torch.testing.assert_close(compiled_scores, eager_scores, rtol=1e-4, atol=1e-4)
+
+
+def test_flex_attention_block_size_keeps_transformers_mask():
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sliding_window_bidirectional_mask_function
+
+    from scaledown.fast_generation import flex_attention_with_block_size
+
+    name = flex_attention_with_block_size("flex_attention_block16")  # 16 x 16 tiles
+    padding = torch.ones(2, 64, dtype=torch.bool)  # as transformers hands it to mask functions
+    padding[1, 50:] = False
+    arguments = dict(
+        batch_size=2,
+        q_length=64,
+        kv_length=64,
+        mask_function=sliding_window_bidirectional_mask_function(4),
+        attention_mask=padding,
+        device="cpu",
+    )
+    default = ALL_MASK_ATTENTION_FUNCTIONS["flex_attention"](**arguments)
+    tiled = ALL_MASK_ATTENTION_FUNCTIONS[name](**arguments)
+    assert default.BLOCK_SIZE == (128, 128) and tiled.BLOCK_SIZE == (16, 16)
+    # the band |i - j| <= 4 touches 10 of the 4 x 4 tiles of 16 positions: the other 6 are skipped
+    assert tiled.to_dense()[0, 0].sum().item() == 10
+    narrow = ALL_MASK_ATTENTION_FUNCTIONS[flex_attention_with_block_size("flex_attention_block32x16")](**arguments)
+    assert narrow.BLOCK_SIZE == (32, 16) and narrow.to_dense()[0, 0].sum().item() == 6  # of 2 x 4
+
+    def allowed(mask, row, query_index):
+        index = lambda value: torch.tensor(value)  # noqa: E731
+        return [bool(mask.mask_mod(index(row), index(0), index(query_index), index(key))) for key in range(64)]
+
+    for row in range(2):
+        for query_index in (0, 20, 47):
+            assert allowed(tiled, row, query_index) == allowed(default, row, query_index)
+            assert sum(allowed(tiled, row, query_index)) <= 9
+    assert allowed(tiled, 0, 47)[48:52] == [True] * 4
+    assert allowed(tiled, 1, 47)[48:52] == [True, True, False, False]  # padding stays masked
+
+
+def test_flex_attention_block_size_rejects_other_names():
+    from scaledown.fast_generation import flex_attention_with_block_size
+
+    for name in ("flex_attention_block", "flex_attention_block64y32", "flex_attention_block8", "flex_attention_block64x8"):
+        with pytest.raises(ValueError, match="flex_attention_block64x32"):
+            flex_attention_with_block_size(name)

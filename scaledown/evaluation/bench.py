@@ -38,10 +38,12 @@ from ..configuration_scaledown import DEFAULT_SYSTEM_PROMPT, ScaleDownConfig
 from ..fast_generation import (
     DECODE_ATTENTION_KERNEL,
     DECODE_ATTENTION_KERNELS,
+    FLEX_BLOCK_PREFIX,
     StaticGreedyGenerator,
     compile_compressor,
     compile_elementwise_work,
     compress_batch,
+    flex_attention_with_block_size,
     generate_compressed,
     generate_compressed_overlapped,
 )
@@ -207,6 +209,8 @@ def set_encoder_attention(model: ScaleDownForCausalLM, implementation: str | Non
     """Give an encoder compressor its own attention implementation (None: keep it). The generator, and an N-layers
     compressor that shares its code paths, keep theirs."""
     if implementation and model.config.uses_encoder_compressor:
+        if implementation.startswith(FLEX_BLOCK_PREFIX):
+            flex_attention_with_block_size(implementation)
         model.compressor.set_attn_implementation(implementation)
 
 
@@ -508,6 +512,8 @@ def measure(
         "gb_moved_per_query": sum(p.bytes for p in honest) / batch_size / 1e9,
         "roofline_ms_per_query": None,
         "roofline_fraction": None,
+        "decode_attention_kernel": side.fast.attention_kernel if side.fast is not None else None,
+        "decode_attention_kernel_ms": side.fast.attention_kernel_ms if side.fast is not None else None,
     }
     if hardware is not None:
         best = sum(p.best_seconds(hardware) for p in honest)
@@ -721,7 +727,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--encoder_attn_implementation",
         default=None,
-        help="attention of an encoder compressor (e.g. flex_attention) if not --attn_implementation's; "
+        help="attention of an encoder compressor (e.g. flex_attention, or flex_attention_block64 for 64 x 64 tiles) "
+        "if not --attn_implementation's; "
         "N-layers compressors keep the generator's",
     )
     parser.add_argument(
@@ -745,8 +752,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--decode_attention_kernel",
         default=DECODE_ATTENTION_KERNEL,
-        choices=DECODE_ATTENTION_KERNELS,
-        help="static engine: the decode steps' attention kernel, both sides",
+        choices=("auto",) + DECODE_ATTENTION_KERNELS,
+        help="static engine: the decode steps' attention kernel, both sides (auto: the faster of sdpa and flex, timed "
+        "on each batch shape's cache)",
     )
     parser.add_argument("--peak_tflops", type=float, default=None, help="override the detected dense bf16 peak")
     parser.add_argument("--peak_bandwidth_tbs", type=float, default=None, help="override the detected memory bandwidth")
