@@ -92,6 +92,8 @@ def main() -> None:
     parser.add_argument("--kernels", default=",".join(KERNELS))
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
+    # every tile size and mask is a recompilation of the one compiled flex attention: more than torch's default 8
+    torch._dynamo.config.recompile_limit = 64
     device = resolve_device(args.device)
     hardware = detect_hardware(device, None, None)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
