@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import transformers
 from transformers import AttentionInterface, StaticCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -499,7 +500,6 @@ def flex_attention_with_block_size(implementation: str) -> str:
     128 they pad to 384 and a local layer's band (|i - j| <= 64) touches 7 of 9 tiles; smaller tiles pad less and the
     band skips more of them. `benchmarks/encoder_attention.py` times the sizes; NOTES.md has the outcome.
     """
-    from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     sizes = re.fullmatch(re.escape(FLEX_BLOCK_PREFIX) + r"(\d+)(?:x(\d+))?", implementation)
@@ -508,6 +508,11 @@ def flex_attention_with_block_size(implementation: str) -> str:
         raise ValueError(
             f"{implementation!r} is not a flex attention tile size: use {FLEX_BLOCK_PREFIX}MxN (or M for M x M) with "
             "tiles of at least 16 positions, e.g. flex_attention_block64x32 for ModernBERT's compressor rows."
+        )
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise ValueError(
+            f"{implementation} needs transformers 5 (earlier encoders build their masks without transformers' mask "
+            f"functions), found {transformers.__version__}: upgrade transformers or keep sdpa."
         )
     AttentionInterface.register(implementation, functools.partial(_flex_attention_with_tiles, tiles=tiles))
     AttentionMaskInterface.register(implementation, functools.partial(_flex_block_mask_with_tiles, tiles=tiles))

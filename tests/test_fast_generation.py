@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import transformers
 
 from scaledown.evaluation.evaluate import tokenize_text_prompts
 from scaledown.fast_generation import StaticGreedyGenerator, generate_compressed
@@ -215,6 +216,10 @@ def test_compiled_generator_decodes_the_same_tokens(make_model, restore_rotary):
     torch.testing.assert_close(compiled_scores, eager_scores, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(
+    int(transformers.__version__.split(".")[0]) < 5,
+    reason="transformers 4's ModernBERT builds its own masks and has no flex attention; the tiles need transformers 5",
+)
 def test_flex_attention_block_size_keeps_transformers_mask():
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sliding_window_bidirectional_mask_function
 
