@@ -103,15 +103,18 @@ def main() -> None:
         torch.randn(rows, args.heads, args.positions, args.head_dim, generator=generator).to(device, dtype)
         for _ in range(3)
     )
-    print(f"{bench._device_name(device)}: {rows} rows x {args.heads} heads x {args.positions} positions x "
-          f"{args.head_dim}; {args.global_layers} global layers, {args.local_layers} local (|i-j| <= {args.half_window})")  # fmt: skip
+    print(
+        f"{bench._device_name(device)}: {rows} rows x {args.heads} heads x {args.positions} positions x "
+        f"{args.head_dim}; {args.global_layers} global layers, {args.local_layers} local (|i-j| <= {args.half_window})"
+    )
     print(f"{'kernel':>12} {'layer':>6} {'us/layer':>9} {'TFLOP/s':>8} {'of peak':>7} {'max |diff|':>10}")
     per_query_ms = {}
     for kernel in args.kernels.split(","):
         if kernel not in SDPA_KERNELS and not re.fullmatch(r"flex-\d+(x\d+)?", kernel):
             raise ValueError(f"Unknown kernel {kernel!r}; choose from {SDPA_KERNELS} or flex-M[xN], e.g. {KERNELS}.")
         total_us = 0.0
-        for layer, half_window, count in (("global", None, args.global_layers), ("local", args.half_window, args.local_layers)):  # fmt: skip
+        layer_kinds = (("global", None, args.global_layers), ("local", args.half_window, args.local_layers))
+        for layer, half_window, count in layer_kinds:
             reference = encoder_attention(query.float(), key.float(), value.float(), "sdpa", half_window)
             try:
                 output = encoder_attention(query, key, value, kernel, half_window)

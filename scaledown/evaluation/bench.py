@@ -727,8 +727,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--encoder_attn_implementation",
         default=None,
-        help="attention of an encoder compressor (e.g. flex_attention, or flex_attention_block64 for 64 x 64 tiles) "
-        "if not --attn_implementation's; "
+        help="attention of an encoder compressor if not --attn_implementation's (e.g. flex_attention, or "
+        "flex_attention_block64x32 for flex attention with 64 x 32 tiles, the fastest for ModernBERT on an H100); "
         "N-layers compressors keep the generator's",
     )
     parser.add_argument(
