@@ -3,6 +3,7 @@ import random
 
 import pytest
 import torch
+import transformers
 
 from scaledown.evaluation import bench
 from scaledown.evaluation.flops import (
@@ -327,14 +328,49 @@ def test_set_encoder_attention_leaves_generator_and_n_layers_alone(make_model, m
     assert n_layers.compressor.config._attn_implementation == before
 
 
-def test_overlap_timeline_reads_concurrency_per_stream(tmp_path):
+@pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5, reason="flex attention tiles need transformers 5")
+def test_encoder_attention_with_flex_tiles(make_model, modernbert_dir):
+    encoder = make_model(compressor_type="modernbert", compressor_name_or_path=modernbert_dir)
+    bench.set_encoder_attention(encoder, "flex_attention_block64x32")
+    assert encoder.compressor.config._attn_implementation == "flex_attention_block64x32"
+    assert encoder.generator.config._attn_implementation == "sdpa"
+
+
+def _benchmark_script(name: str):
     import importlib.util
+    import sys
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "overlap_timeline.py"
-    spec = importlib.util.spec_from_file_location("overlap_timeline", script)
-    timeline = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(timeline)
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(folder))  # the scripts import each other as the command line runs them
+    try:
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
+    return module
+
+
+def test_encoder_attention_kernels_agree_with_their_masks():
+    script = _benchmark_script("encoder_attention")
+    torch.manual_seed(0)
+    query, key, value = (torch.randn(2, 2, 40, 16) for _ in range(3))
+    for half_window in (None, 5):
+        reference = script.encoder_attention(query, key, value, "sdpa", half_window)
+        for kernel in ("flex-16", "flex-32x16"):
+            got = script.encoder_attention(query, key, value, kernel, half_window)
+            torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-5)
+    band = script.encoder_attention(query, key, value, "sdpa", 5)
+    assert not torch.allclose(band, script.encoder_attention(query, key, value, "sdpa", None))
+    # 5 positions, keys at most 1 away: 13 of the 25 pairs; 4 multiply-adds per pair and head dimension
+    small = torch.zeros(3, 2, 5, 8)
+    assert script.useful_flops(small, 1) == 4 * 3 * 2 * 13 * 8
+    assert script.useful_flops(small, None) == 4 * 3 * 2 * 25 * 8
+
+
+def test_overlap_timeline_reads_concurrency_per_stream(tmp_path):
+    timeline = _benchmark_script("overlap_timeline")
     kernel = lambda stream, ts, dur: {"cat": "kernel", "ts": ts, "dur": dur, "args": {"stream": stream}}  # noqa: E731
     events = [kernel(7, 0, 10), kernel(7, 5, 15), kernel(7, 30, 10), kernel(58, 15, 20), {"cat": "cpu_op", "ts": 0}]
     trace = tmp_path / "trace.json"
