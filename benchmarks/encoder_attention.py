@@ -7,8 +7,8 @@ unpadded, bidirectional sequences with 64-wide heads: 8 global layers (every pos
 local ones (positions at most 64 apart). Inside the compiled compressor this attention runs near 90 TFLOP/s of
 useful work (NOTES.md), far below the matrix products around it. This times the candidates alone, each layer kind
 apart, each call replayed in a CUDA graph, and checks each against a float32 reference with the same mask.
-Flex attention is timed at block sizes 128 (its default: 269 positions pad to 384) and 64 (pad to 320, and the
-local band skips more blocks).
+Flex attention is timed at the tile sizes its names give (flex-M for M x M, flex-MxN): 128 is its default (269
+positions pad to 384); smaller tiles pad less and let the local band skip more of them.
 """
 
 import argparse
@@ -35,31 +35,41 @@ def _compiled_flex():
 
 
 @functools.cache
-def _band_block_mask(positions: int, half_window: int, block: tuple[int, int], device: str):
+def _band(positions: int, half_window: int, device: str) -> torch.Tensor:
+    """`(positions, positions)` boolean: key within half_window of the query."""
+    index = torch.arange(positions, device=device)
+    return (index[:, None] - index[None, :]).abs() <= half_window
+
+
+@functools.cache
+def _band_block_mask(positions: int, half_window: int, tiles: tuple[int, int], device: str):
     from torch.nn.attention.flex_attention import create_block_mask
 
     def within_window(batch, head, query_index, key_index):
         return (query_index - key_index).abs() <= half_window
 
-    return create_block_mask(within_window, None, None, positions, positions, device=device, BLOCK_SIZE=block)
+    return create_block_mask(within_window, None, None, positions, positions, device=device, BLOCK_SIZE=tiles)
+
+
+def flex_tiles(kernel: str) -> tuple[int, int] | None:
+    """"flex-64x32" -> (64, 32), "flex-64" -> (64, 64); None for any other name."""
+    sizes = re.fullmatch(r"flex-(\d+)(?:x(\d+))?", kernel)
+    return (int(sizes[1]), int(sizes[2] or sizes[1])) if sizes else None
 
 
 def encoder_attention(query, key, value, kernel: str, half_window: int | None):
     """query, key, value `(rows, heads, positions, head_dim)`; half_window None for a global layer."""
-    positions = query.shape[2]
-    band = None
-    if half_window is not None:
-        index = torch.arange(positions, device=query.device)
-        band = (index[:, None] - index[None, :]).abs() <= half_window  # (positions, positions)
-    if kernel.startswith("flex"):
-        block_m, _, block_n = kernel.removeprefix("flex-").partition("x")
-        block = (int(block_m), int(block_n or block_m))
-        options = {"BLOCK_M": block[0], "BLOCK_N": block[1]}
-        mask = None if band is None else _band_block_mask(positions, half_window, block, str(query.device))
-        attend = _compiled_flex() if query.is_cuda else None
-        if attend is None:
-            from torch.nn.attention.flex_attention import flex_attention as attend
-        return attend(query, key, value, block_mask=mask, kernel_options=options if query.is_cuda else None)
+    positions, device = query.shape[2], str(query.device)
+    tiles = flex_tiles(kernel)
+    if tiles is not None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        mask = None if half_window is None else _band_block_mask(positions, half_window, tiles, device)
+        if not query.is_cuda:  # eager flex attention: the reference implementation, with CPU's own tiles
+            return flex_attention(query, key, value, block_mask=mask)
+        options = {"BLOCK_M": tiles[0], "BLOCK_N": tiles[1]}
+        return _compiled_flex()(query, key, value, block_mask=mask, kernel_options=options)
+    band = None if half_window is None else _band(positions, half_window, device)
     if kernel == "sdpa":
         return F.scaled_dot_product_attention(query, key, value, attn_mask=band)
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -74,8 +84,7 @@ def encoder_attention(query, key, value, kernel: str, half_window: int | None):
 def useful_flops(query, half_window: int | None) -> float:
     """Two products of (positions x attended keys x head_dim) per head and row, counting only unmasked pairs."""
     rows, heads, positions, head_dim = query.shape
-    index = torch.arange(positions)
-    pairs = positions**2 if half_window is None else int(((index[:, None] - index[None, :]).abs() <= half_window).sum())
+    pairs = positions**2 if half_window is None else int(_band(positions, half_window, "cpu").sum())
     return 4 * rows * heads * pairs * head_dim
 
 
@@ -108,14 +117,20 @@ def main() -> None:
         f"{args.head_dim}; {args.global_layers} global layers, {args.local_layers} local (|i-j| <= {args.half_window})"
     )
     print(f"{'kernel':>12} {'layer':>6} {'us/layer':>9} {'TFLOP/s':>8} {'of peak':>7} {'max |diff|':>10}")
-    per_query_ms = {}
-    for kernel in args.kernels.split(","):
-        if kernel not in SDPA_KERNELS and not re.fullmatch(r"flex-\d+(x\d+)?", kernel):
+    kernels = args.kernels.split(",")
+    for kernel in kernels:
+        if kernel not in SDPA_KERNELS and flex_tiles(kernel) is None:
             raise ValueError(f"Unknown kernel {kernel!r}; choose from {SDPA_KERNELS} or flex-M[xN], e.g. {KERNELS}.")
+    layer_kinds = (("global", None, args.global_layers), ("local", args.half_window, args.local_layers))
+    references = {  # float32, once per layer kind
+        half_window: encoder_attention(query.float(), key.float(), value.float(), "sdpa", half_window)
+        for _, half_window, _ in layer_kinds
+    }
+    per_query_ms = {}
+    for kernel in kernels:
         total_us = 0.0
-        layer_kinds = (("global", None, args.global_layers), ("local", args.half_window, args.local_layers))
         for layer, half_window, count in layer_kinds:
-            reference = encoder_attention(query.float(), key.float(), value.float(), "sdpa", half_window)
+            reference = references[half_window]
             try:
                 output = encoder_attention(query, key, value, kernel, half_window)
                 difference = (output.float() - reference).abs().max().item()

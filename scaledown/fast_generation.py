@@ -472,6 +472,8 @@ def compile_elementwise_work(module: torch.nn.Module) -> str:
 
 
 FLEX_BLOCK_PREFIX = "flex_attention_block"
+# transformers 4's encoders (ModernBERT included) build their masks without transformers' mask functions
+FLEX_TILES_SUPPORTED = int(transformers.__version__.split(".")[0]) >= 5
 
 
 def _flex_attention_with_tiles(module, query, key, value, attention_mask, tiles: tuple[int, int], **kwargs):
@@ -510,7 +512,7 @@ def flex_attention_with_block_size(implementation: str) -> str:
             f"{implementation!r} is not a flex attention tile size: use {FLEX_BLOCK_PREFIX}MxN (or M for M x M) with "
             "tiles of at least 16 positions, e.g. flex_attention_block64x32 for ModernBERT's compressor rows."
         )
-    if int(transformers.__version__.split(".")[0]) < 5:
+    if not FLEX_TILES_SUPPORTED:
         raise ValueError(
             f"{implementation} needs transformers 5 (earlier encoders build their masks without transformers' mask "
             f"functions), found {transformers.__version__}: upgrade transformers or keep sdpa."

@@ -3,7 +3,6 @@ import random
 
 import pytest
 import torch
-import transformers
 
 from scaledown.evaluation import bench
 from scaledown.evaluation.flops import (
@@ -15,6 +14,7 @@ from scaledown.evaluation.flops import (
     generator_phases,
     hardware_from_device_name,
 )
+from scaledown.fast_generation import FLEX_TILES_SUPPORTED
 
 # hidden 8, MLP 16, 2 layers, 2 heads of 4 dims, 1 KV head, vocabulary 10.
 TINY = dict(
@@ -328,7 +328,7 @@ def test_set_encoder_attention_leaves_generator_and_n_layers_alone(make_model, m
     assert n_layers.compressor.config._attn_implementation == before
 
 
-@pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5, reason="flex attention tiles need transformers 5")
+@pytest.mark.skipif(not FLEX_TILES_SUPPORTED, reason="flex attention tiles need transformers 5")
 def test_encoder_attention_with_flex_tiles(make_model, modernbert_dir):
     encoder = make_model(compressor_type="modernbert", compressor_name_or_path=modernbert_dir)
     bench.set_encoder_attention(encoder, "flex_attention_block64x32")

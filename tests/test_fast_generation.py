@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-import transformers
 
 from scaledown.evaluation.evaluate import tokenize_text_prompts
-from scaledown.fast_generation import StaticGreedyGenerator, generate_compressed
+from scaledown.fast_generation import FLEX_TILES_SUPPORTED, StaticGreedyGenerator, generate_compressed
 from scaledown.modeling_scaledown import text_prompt
 
 from conftest import DOCUMENTS, QUESTIONS
@@ -217,7 +216,7 @@ def test_compiled_generator_decodes_the_same_tokens(make_model, restore_rotary):
 
 
 @pytest.mark.skipif(
-    int(transformers.__version__.split(".")[0]) < 5,
+    not FLEX_TILES_SUPPORTED,
     reason="transformers 4's ModernBERT builds its own masks and has no flex attention; the tiles need transformers 5",
 )
 def test_flex_attention_block_size_keeps_transformers_mask():
@@ -259,6 +258,7 @@ def test_flex_attention_block_size_keeps_transformers_mask():
 def test_flex_attention_block_size_rejects_other_names():
     from scaledown.fast_generation import flex_attention_with_block_size
 
-    for name in ("flex_attention_block", "flex_attention_block64y32", "flex_attention_block8", "flex_attention_block64x8"):
+    bad_names = ("flex_attention_block", "flex_attention_block64y32", "flex_attention_block8", "flex_attention_block64x8")
+    for name in bad_names:
         with pytest.raises(ValueError, match="flex_attention_block64x32"):
             flex_attention_with_block_size(name)
