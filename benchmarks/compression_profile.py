@@ -10,7 +10,9 @@ Random weights of the real shapes, the bench's protocol (10 documents a query). 
   inductor's matmul autotuning (mode "max-autotune-no-cudagraphs");
 - eager-efficient / eager-no-cudnn: SDPA limited to the memory-efficient kernel / to everything but cuDNN;
 - compiled-efficient: the whole encoder compiled, SDPA limited to the memory-efficient kernel;
-- compiled-blocks: each of the encoder's blocks (`_no_split_modules`) compiled, the masks built eagerly.
+- compiled-blocks: each of the encoder's blocks (`_no_split_modules`) compiled, the masks built eagerly;
+- compiled-coordinate-descent: the whole encoder compiled, inductor tuning each fused element-wise kernel's launch
+  configuration (`coordinate_descent_tuning`).
 
 NOTES.md holds the H100 numbers.
 """
@@ -36,6 +38,7 @@ BACKENDS = {  # variant -> the SDPA kernels it may use (None: SDPA's own choice)
     "eager-no-cudnn": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
     "compiled-efficient": [SDPBackend.EFFICIENT_ATTENTION],
     "compiled-blocks": None,
+    "compiled-coordinate-descent": None,
 }
 
 
@@ -43,6 +46,7 @@ def main() -> None:
     parser = bench.build_parser()
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--variants", default=",".join(BACKENDS), help=f"comma-separated, from {list(BACKENDS)}")
+    parser.add_argument("--top_kernels", type=int, default=12, help="rows of each variant's kernel table")
     args = parser.parse_args()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -59,6 +63,8 @@ def main() -> None:
         batch = side.prepare(questions, documents, device)
         if variant in ("compiled", "compiled-efficient"):
             model.compressor.compile()
+        elif variant == "compiled-coordinate-descent":
+            model.compressor.compile(options={"coordinate_descent_tuning": True})
         elif variant == "compiled-max-autotune":
             model.compressor.compile(mode="max-autotune-no-cudagraphs")
         elif variant == "compiled-blocks":
@@ -78,7 +84,7 @@ def main() -> None:
                 torch.cuda.synchronize(device)
             print(f"{variant} first call s {time.perf_counter() - start:.1f}", flush=True)
             print(f"{variant} {median_ms(compress, device, args.repeats) / args.batch_size:.3f} ms/q", flush=True)
-            print_top_kernels(variant, compress, rows=12)
+            print_top_kernels(variant, compress, rows=args.top_kernels)
         except RuntimeError as error:  # an SDPA kernel this device lacks (the CPU has only the math one)
             print(f"{variant} not available here: {str(error).splitlines()[0]}", flush=True)
 

@@ -11,13 +11,19 @@ engine's layers do, instead of the same one again.
 """
 
 import argparse
+import functools
 
 import torch
 
 from scaledown.evaluation import bench
 from scaledown.evaluation.evaluate import resolve_device
 from scaledown.evaluation.flops import TransformerShape, detect_hardware
-from scaledown.fast_generation import DECODE_ATTENTION_KERNELS, cuda_graph_milliseconds, grouped_decode_attention
+from scaledown.fast_generation import (
+    DECODE_ATTENTION_KERNELS,
+    _flex_decode_attention,
+    cuda_graph_milliseconds,
+    grouped_decode_attention,
+)
 
 
 def decode_inputs(shape: TransformerShape, batch: int, slots: int, device, dtype, seed: int = 0):
@@ -35,6 +41,32 @@ def decode_inputs(shape: TransformerShape, batch: int, slots: int, device, dtype
     allowed = torch.arange(slots)[None, :] >= padding  # (batch, slots)
     allowed[:, -slots // 16 :] = False  # cache slots the decode steps have not written yet
     return query, key, value, allowed[:, None, None, :].to(device)
+
+
+def parse_kernel_options(options: str) -> dict[str, int]:
+    """'BLOCK_N=32/num_stages=3' -> {'BLOCK_N': 32, 'num_stages': 3}."""
+    parsed = {}
+    for item in options.split("/"):
+        name, _, value = item.partition("=")
+        if not name or not value.isdigit():
+            raise ValueError(f"--flex_options entry {item!r} is not NAME=integer; write e.g. BLOCK_N=32/num_stages=3")
+        parsed[name] = int(value)
+    return parsed
+
+
+def flex_with_options(options: str, shape: TransformerShape):
+    """Flex's decoding kernel as the engine calls it ("auto"'s flex), with `options` ("NAME=value/...") as kernel
+    options: the tile length along the cache, pipeline stages and warps, fixed instead of autotuned."""
+    kernel_options = parse_kernel_options(options)
+    compiled = torch.compile(functools.partial(_flex_decode_attention, kernel_options=kernel_options), dynamic=False)
+
+    def attend(module, query, key, value, mask, scaling):
+        batch, group = query.shape[0], shape.num_heads // shape.num_kv_heads
+        grouped = query.reshape(batch, shape.num_kv_heads, group, shape.head_dim)
+        output = compiled(grouped, key, value, mask[:, 0, 0, :], scaling)
+        return output.reshape(batch, 1, shape.num_heads, shape.head_dim), None
+
+    return attend
 
 
 def graph_time_us(function, device, calls: int = 32, replays: int = 10) -> float:
@@ -55,7 +87,14 @@ def main() -> None:
     parser.add_argument("--cases", default="1x1506,32x1506,96x1506,32x286,512x286", help="batch x cache slots")
     parser.add_argument("--layers", type=int, default=1, help="distinct caches the calls cycle through")
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--flex_options",
+        default="",
+        help="also time flex's decoding kernel with these kernel options, e.g. "
+        "'BLOCK_N=64/num_stages=3/num_warps=4;BLOCK_N=32/num_stages=4/num_warps=2' (the engine autotunes them; flex's untuned choice on an H100 is 64/1/2)",
+    )
     args = parser.parse_args()
+    torch._dynamo.config.recompile_limit = 64  # each shape and option set compiles flex's kernel anew
     device = resolve_device(args.device)
     hardware = detect_hardware(device, None, None)
     shape = bench.preset_shape(bench.GENERATOR_SHAPES[args.shape])
@@ -71,16 +110,17 @@ def main() -> None:
             None, query.float(), key.float(), value.float(), mask, scaling=scaling, kernel="matmul"
         )
         cache_bytes = 2 * key.numel() * key.element_size()
-        for kernel in DECODE_ATTENTION_KERNELS:
+        for kernel in list(DECODE_ATTENTION_KERNELS) + [f"flex[{o}]" for o in args.flex_options.split(";") if o]:
+            attend = functools.partial(grouped_decode_attention, kernel=kernel)
+            if kernel.startswith("flex["):
+                attend = flex_with_options(kernel[len("flex[") : -1], shape)
 
-            def step(kernel=kernel, calls=iter(range(1 << 62))):
+            def step(attend=attend, calls=iter(range(1 << 62))):
                 layer_query, layer_key, layer_value, layer_mask = caches[next(calls) % len(caches)]
-                return grouped_decode_attention(
-                    None, layer_query, layer_key, layer_value, layer_mask, scaling=scaling, kernel=kernel
-                )
+                return attend(None, layer_query, layer_key, layer_value, layer_mask, scaling=scaling)
 
             try:
-                output, _ = grouped_decode_attention(None, query, key, value, mask, scaling=scaling, kernel=kernel)
+                output, _ = attend(None, query, key, value, mask, scaling=scaling)
                 difference = (output.float() - reference).abs().max().item()
                 microseconds = graph_time_us(step, device)
             except RuntimeError as error:  # a backend that refuses this mask or shape

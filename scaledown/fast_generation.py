@@ -29,7 +29,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 # attention (compiled on CUDA: its split-key decoding kernel). `benchmarks/decode_attention.py` times them alone at the
 # bench's shapes and `scaledown-bench --decode_attention_kernel` inside the engine. The engine's default, "auto", times
 # AUTO_CANDIDATES on each new batch shape's own cache before capturing its graph and keeps the faster (on an H100 flex
-# for short caches, cuDNN for long ones: benchmarks/NOTES.md); off CUDA it is "sdpa".
+# at the bench's larger batches, SDPA at batch 1: benchmarks/NOTES.md); off CUDA it is "sdpa".
 DECODE_ATTENTION_KERNELS = ("sdpa", "cudnn", "efficient", "math", "matmul", "flex")
 AUTO_CANDIDATES = ("sdpa", "flex")
 DECODE_ATTENTION_KERNEL = "auto"
@@ -41,21 +41,24 @@ def _check_decode_attention_kernel(kernel: str, allow_auto: bool = False) -> Non
         raise ValueError(f"Unknown decode attention kernel {kernel!r}; choose one of {choices}.")
 
 
-def _flex_decode_attention(query, key, value, allowed_slots, scaling):
+def _flex_decode_attention(query, key, value, allowed_slots, scaling, kernel_options=None):
     from torch.nn.attention.flex_attention import flex_attention
 
     def keep_allowed(score, batch, head, query_index, slot):
         return torch.where(allowed_slots[batch, slot], score, -float("inf"))
 
-    return flex_attention(query, key, value, score_mod=keep_allowed, scale=scaling)
+    return flex_attention(query, key, value, score_mod=keep_allowed, scale=scaling, kernel_options=kernel_options)
 
 
 @functools.cache
 def _compiled_flex_decode_attention():
     # Static shapes: compiled for dynamic ones (torch.compile's default from a second shape on), the decoding kernel
     # lost to cuDNN at 512 x 286 slots in the bench; compiled for that shape it took 0.26 ms a layer against 0.32.
+    # Autotuned among inductor's few candidate tiles: on an H100 flex's untuned tile (64 slots, one pipeline stage)
+    # read that cache at 0.70 of the memory bandwidth, the tuned one (32 slots, three stages) at 0.81
+    # (benchmarks/NOTES.md); compilation takes a few seconds longer per shape.
     # A shape past torch.compile's recompilation limit runs eagerly, and "auto" then keeps SDPA.
-    return torch.compile(_flex_decode_attention, dynamic=False)
+    return torch.compile(_flex_decode_attention, dynamic=False, mode="max-autotune-no-cudagraphs")
 
 
 def _flex_grouped_attention(query, key, value, allowed, scaling):

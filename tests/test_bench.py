@@ -369,6 +369,27 @@ def test_encoder_attention_kernels_agree_with_their_masks():
     assert script.useful_flops(small, None) == 4 * 3 * 2 * 25 * 8
 
 
+def test_decode_attention_flex_options_parse_and_agree_with_sdpa():
+    from scaledown.fast_generation import _flex_decode_attention, grouped_decode_attention
+
+    script = _benchmark_script("decode_attention")
+    assert script.parse_kernel_options("BLOCK_N=32/num_stages=3/num_warps=2") == dict(
+        BLOCK_N=32, num_stages=3, num_warps=2
+    )
+    for bad in ("BLOCK_N", "BLOCK_N=x", "=4", "BLOCK_N=32/"):
+        with pytest.raises(ValueError, match="NAME=integer"):
+            script.parse_kernel_options(bad)
+    shape = bench.preset_shape(bench.GENERATOR_SHAPES["tiny"])
+    query, key, value, mask = script.decode_inputs(shape, 3, 40, torch.device("cpu"), torch.float32)
+    group = shape.num_heads // shape.num_kv_heads
+    grouped = query.reshape(3, shape.num_kv_heads, group, shape.head_dim)
+    scaling = shape.head_dim**-0.5
+    # eager flex (what runs off CUDA) takes the options and must still attend only to the allowed slots
+    got = _flex_decode_attention(grouped, key, value, mask[:, 0, 0, :], scaling, kernel_options=dict(BLOCK_N=32))
+    reference, _ = grouped_decode_attention(None, query, key, value, mask, scaling=scaling, kernel="sdpa")
+    torch.testing.assert_close(got.reshape(3, 1, shape.num_heads, shape.head_dim), reference, rtol=1e-4, atol=1e-5)
+
+
 def test_overlap_timeline_reads_concurrency_per_stream(tmp_path):
     timeline = _benchmark_script("overlap_timeline")
     kernel = lambda stream, ts, dur: {"cat": "kernel", "ts": ts, "dur": dur, "args": {"stream": stream}}  # noqa: E731
