@@ -54,10 +54,9 @@ def parse_kernel_options(options: str) -> dict[str, int]:
     return parsed
 
 
-def flex_with_options(options: str, shape: TransformerShape):
-    """Flex's decoding kernel as the engine calls it ("auto"'s flex), with `options` ("NAME=value/...") as kernel
-    options: the tile length along the cache, pipeline stages and warps, fixed instead of autotuned."""
-    kernel_options = parse_kernel_options(options)
+def flex_with_options(kernel_options: dict[str, int], shape: TransformerShape):
+    """Flex's decoding kernel as the engine calls it ("auto"'s flex) with fixed kernel options (the tile length along
+    the cache, pipeline stages, warps) instead of the engine's autotuned ones."""
     compiled = torch.compile(functools.partial(_flex_decode_attention, kernel_options=kernel_options), dynamic=False)
 
     def attend(module, query, key, value, mask, scaling):
@@ -90,10 +89,12 @@ def main() -> None:
     parser.add_argument(
         "--flex_options",
         default="",
-        help="also time flex's decoding kernel with these kernel options, e.g. "
-        "'BLOCK_N=64/num_stages=3/num_warps=4;BLOCK_N=32/num_stages=4/num_warps=2' (the engine autotunes them; flex's untuned choice on an H100 is 64/1/2)",
+        help="also time flex's decoding kernel with these fixed kernel options, e.g. "
+        "'BLOCK_N=64/num_stages=3/num_warps=4;BLOCK_N=32/num_stages=4/num_warps=2' (the engine autotunes them; "
+        "untuned, flex takes 64/1/2 on an H100)",
     )
     args = parser.parse_args()
+    flex_settings = {f"flex[{o}]": parse_kernel_options(o) for o in args.flex_options.split(";") if o}
     torch._dynamo.config.recompile_limit = 64  # each shape and option set compiles flex's kernel anew
     device = resolve_device(args.device)
     hardware = detect_hardware(device, None, None)
@@ -110,10 +111,10 @@ def main() -> None:
             None, query.float(), key.float(), value.float(), mask, scaling=scaling, kernel="matmul"
         )
         cache_bytes = 2 * key.numel() * key.element_size()
-        for kernel in list(DECODE_ATTENTION_KERNELS) + [f"flex[{o}]" for o in args.flex_options.split(";") if o]:
+        for kernel in list(DECODE_ATTENTION_KERNELS) + list(flex_settings):
             attend = functools.partial(grouped_decode_attention, kernel=kernel)
-            if kernel.startswith("flex["):
-                attend = flex_with_options(kernel[len("flex[") : -1], shape)
+            if kernel in flex_settings:
+                attend = flex_with_options(flex_settings[kernel], shape)
 
             def step(attend=attend, calls=iter(range(1 << 62))):
                 layer_query, layer_key, layer_value, layer_mask = caches[next(calls) % len(caches)]
