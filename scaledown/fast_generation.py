@@ -33,6 +33,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 DECODE_ATTENTION_KERNELS = ("sdpa", "cudnn", "efficient", "math", "matmul", "flex")
 AUTO_CANDIDATES = ("sdpa", "flex")
 DECODE_ATTENTION_KERNEL = "auto"
+# A prompt of at most this many tokens (batch x length) and without padding is prefilled by replaying a CUDA graph:
+# at batch 1 the prefill's time is its kernel launches, not its arithmetic (benchmarks/NOTES.md).
+PREFILL_GRAPH_MAX_TOKENS = 2048
 
 
 def _check_decode_attention_kernel(kernel: str, allow_auto: bool = False) -> None:
@@ -169,6 +172,9 @@ class _DecodeState:
     output: torch.Tensor  # (batch, max_new_tokens) generated ids, padding after EOS
     scores: torch.Tensor | None = None  # (batch, max_new_tokens, vocab) float32 logits, when asked for
     graph: "torch.cuda.CUDAGraph | None" = None
+    prefill_graph: "torch.cuda.CUDAGraph | bool | None" = None  # False: this generator's prefill cannot be captured
+    prefill_input: torch.Tensor | None = None  # ids or embeddings the prefill graph reads, copied in for each call
+    prefill_positions: torch.Tensor | None = None  # (batch, prompt_len) the graph reads them: kept alive with it
     attention_kernel: str | None = None  # the decode attention kernel of this shape, once chosen
     attention_kernel_ms: dict | None = None  # what "auto" measured: milliseconds a layer for each candidate
 
@@ -185,10 +191,12 @@ class StaticGreedyGenerator:
         generator: torch.nn.Module,
         use_cuda_graph: bool | None = None,
         decode_attention_kernel: str = DECODE_ATTENTION_KERNEL,
+        prefill_graph_max_tokens: int = PREFILL_GRAPH_MAX_TOKENS,
     ):
         _check_decode_attention_kernel(decode_attention_kernel, allow_auto=True)
         self.generator = generator
         self.use_cuda_graph = use_cuda_graph
+        self.prefill_graph_max_tokens = prefill_graph_max_tokens
         self.decode_attention_kernel = decode_attention_kernel
         self._key_now = None  # the key of the state held
         self._state: _DecodeState | None = None
@@ -302,6 +310,67 @@ class StaticGreedyGenerator:
         state.tokens.copy_(next_tokens[:, None])
         state.step.add_(1)
 
+    # ---- prefill ---------------------------------------------------------------------------------------------------
+    def _prefill(self, state, prompt, attention_mask, positions, eos_token_id, pad_token_id) -> None:
+        """Run the prompt, copy its keys and values into the static cache, emit the first token.
+
+        prompt: `(batch, prompt_len)` ids or `(batch, prompt_len, hidden)` embeddings; attention_mask None for a
+        prompt without padding (the graphed prefill). No host synchronisation, so a CUDA graph can capture it.
+        """
+        # The prompt goes through transformers' own path (a prompt without padding gets the causal flash kernel;
+        # prefilling the static cache directly would mask over all of its slots), then its keys and values are
+        # copied into the static cache, layer by layer.
+        prompt_input = {"input_ids" if prompt.dtype == torch.long else "inputs_embeds": prompt}
+        prefill = self.generator(
+            **prompt_input,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        slots = {"cache_position": torch.arange(prompt.shape[1], device=prompt.device)}
+        for index, layer in enumerate(prefill.past_key_values.layers):
+            state.cache.update(layer.keys, layer.values, index, slots)
+            layer.keys = layer.values = None  # release the prompt's copy as soon as it is in the static cache
+        self._emit(state, prefill.logits[:, -1], eos_token_id, pad_token_id)  # logits: (batch, 1, vocab)
+
+    def _prefill_fits_graph(self, attention_mask: torch.Tensor) -> bool:
+        """Small enough for launches to dominate, and no padding (so no mask: transformers' mask checks synchronise
+        with the host, which a graph capture forbids)."""
+        return attention_mask.numel() <= self.prefill_graph_max_tokens and bool(attention_mask.all())
+
+    def _prefill_through_graph(self, state: _DecodeState, prompt: torch.Tensor, eos_token_id, pad_token_id) -> None:
+        """Replay this state's prefill graph on `prompt`; a first call runs the prefill for real and then captures it.
+
+        A generator whose prefill cannot be captured (its cache copies a CPU tensor in, as transformers' sliding-window
+        layers do on first use, or it synchronises with the host) keeps the eager prefill for this shape.
+        """
+        if isinstance(state.prefill_graph, torch.cuda.CUDAGraph) and state.prefill_input.dtype == prompt.dtype:
+            state.prefill_input.copy_(prompt)
+            state.prefill_graph.replay()
+            return
+        batch, prompt_len = prompt.shape[:2]
+        device = prompt.device
+        positions = torch.arange(prompt_len, device=device).expand(batch, -1)  # no padding
+        if state.prefill_graph is False:
+            self._prefill(state, prompt, None, positions, eos_token_id, pad_token_id)
+            return
+        # Every tensor the graph reads but does not allocate itself must outlive it, or its memory is reused.
+        state.prefill_input, state.prefill_positions = prompt.clone(), positions
+        side = torch.cuda.Stream(device)  # the real prefill of this call, off the capture, as the decode graph does
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            self._prefill(state, state.prefill_input, None, positions, eos_token_id, pad_token_id)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):  # recorded, not run: the state keeps what the real prefill wrote
+                self._prefill(state, state.prefill_input, None, positions, eos_token_id, pad_token_id)
+        except RuntimeError:
+            state.prefill_graph, state.prefill_input, state.prefill_positions = False, None, None
+            return
+        state.prefill_graph = graph
+
     # ---- generation ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(
@@ -336,30 +405,18 @@ class StaticGreedyGenerator:
         state.step.zero_()
 
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (batch, prompt_len)
-        # The prompt goes through transformers' own path (a prompt without padding gets the causal flash kernel;
-        # prefilling the static cache directly would mask over all of its slots), then its keys and values are
-        # copied into the static cache, layer by layer.
-        prefill = self.generator(
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        slots = {"cache_position": torch.arange(prompt_len, device=device)}
-        for index, layer in enumerate(prefill.past_key_values.layers):
-            state.cache.update(layer.keys, layer.values, index, slots)
-            layer.keys = layer.values = None  # release the prompt's copy as soon as it is in the static cache
-        self._emit(state, prefill.logits[:, -1], eos_token_id, pad_token_id)  # logits: (batch, 1, vocab)
-        del prefill
+        use_graph = self.use_cuda_graph if self.use_cuda_graph is not None else device.type == "cuda"
+        prompt = input_ids if input_ids is not None else inputs_embeds
+        if use_graph and self._prefill_fits_graph(attention_mask):
+            self._prefill_through_graph(state, prompt, eos_token_id, pad_token_id)
+        else:
+            self._prefill(state, prompt, attention_mask, positions, eos_token_id, pad_token_id)
         state.positions.copy_(positions[:, -1:] + 1)
         state.cache_position.fill_(prompt_len)
         if state.attention_kernel is None:
             state.attention_kernel = self._choose_attention_kernel(state)
 
         remaining = max_new_tokens - 1
-        use_graph = self.use_cuda_graph if self.use_cuda_graph is not None else device.type == "cuda"
         if use_graph and state.graph is not None:
             for _ in range(remaining):
                 state.graph.replay()

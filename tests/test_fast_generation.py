@@ -41,6 +41,35 @@ def test_unknown_engine_decode_attention_kernel():
         StaticGreedyGenerator(torch.nn.Linear(2, 2), decode_attention_kernel="flash")
 
 
+def test_prefill_graph_only_for_short_prompts_without_padding():
+    engine = StaticGreedyGenerator(torch.nn.Linear(2, 2), prefill_graph_max_tokens=8)
+    assert engine._prefill_fits_graph(torch.ones(2, 4, dtype=torch.long))
+    assert not engine._prefill_fits_graph(torch.ones(3, 4, dtype=torch.long))  # 12 tokens
+    assert not engine._prefill_fits_graph(torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))  # left padding
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("arch", ["llama", "mistral"])  # Mistral's sliding-window cache cannot be captured
+def test_prefill_graph_decodes_as_the_eager_prefill(make_model, arch):
+    generator = make_model(arch).generator.to("cuda")
+    graphed, eager = StaticGreedyGenerator(generator), StaticGreedyGenerator(generator, prefill_graph_max_tokens=0)
+    mask = torch.ones(2, 24, dtype=torch.long, device="cuda")
+    seeded = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, generator.config.vocab_size, (2, 24), generator=seeded).cuda() for _ in range(3)]
+    answers = []
+    for ids in prompts:  # the first call captures the prefill, the next two replay it on new prompts
+        answers.append(graphed.generate(mask, 8, input_ids=ids))
+        assert torch.equal(answers[-1], eager.generate(mask, 8, input_ids=ids))
+    assert eager._state.prefill_graph is None
+    if arch == "llama":
+        assert isinstance(graphed._state.prefill_graph, torch.cuda.CUDAGraph)  # the replays above used it
+    else:  # tried: transformers 5's sliding-window layers copy a CPU tensor in on first use, so it fell back (False)
+        assert graphed._state.prefill_graph is not None
+    assert not torch.equal(answers[0], answers[1])  # a replay that kept the captured prompt would repeat it
+    embeds = generator.get_input_embeddings()(prompts[2])  # same shape, embeddings: captured anew
+    assert torch.equal(graphed.generate(mask, 8, inputs_embeds=embeds), answers[2])
+
+
 def test_overlapped_stream_answers_each_batch_as_alone(make_model):
     from scaledown.fast_generation import generate_compressed_overlapped
 
