@@ -3,10 +3,11 @@
 `transformers`' `generate` spends most of a small batch's time in Python: at batch 1 on an H100 a 7B decode step
 costs about 4 ms of weight reads and several times that in kernel launches and bookkeeping. This engine removes
 that overhead for both sides of the comparison alike (the base generator reading text and ScaleDown reading
-compressed vectors): the prompt is prefilled once, eagerly, through transformers' own path and its keys and values
-copied into a `StaticCache`; every later step (forward pass,
-argmax, end-of-sequence bookkeeping, cache and mask updates) is one CUDA-graph replay on fixed buffers. Off CUDA
-the same step runs eagerly, which is what the tests compare against `generate`.
+compressed vectors): the prompt is prefilled once through transformers' own path and its keys and values copied
+into a `StaticCache`; every later step (forward pass, argmax, end-of-sequence bookkeeping, cache and mask updates) is
+one CUDA-graph replay on fixed buffers. A small prompt without padding (batch 1, say) is prefilled by a graph replay
+too, since its launches, not its arithmetic, set its time. Off CUDA the same steps run eagerly, which is what the
+tests compare against `generate`.
 
 Decode-step masks are given to the generator as 4D boolean tensors over cache slots, which every attention path of
 transformers 4.57 and 5 passes through unchanged; a left-padded prompt keeps its padding slots in the cache, masked.
