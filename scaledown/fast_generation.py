@@ -316,12 +316,12 @@ class StaticGreedyGenerator:
         """Run the prompt, copy its keys and values into the static cache, emit the first token.
 
         prompt: `(batch, prompt_len)` ids or `(batch, prompt_len, hidden)` embeddings; attention_mask None for a
-        prompt without padding (the graphed prefill). No host synchronisation, so a CUDA graph can capture it.
+        prompt without padding, which spares transformers' mask check its host synchronisation: the graphed prefill.
         """
         # The prompt goes through transformers' own path (a prompt without padding gets the causal flash kernel;
         # prefilling the static cache directly would mask over all of its slots), then its keys and values are
         # copied into the static cache, layer by layer.
-        prompt_input = {"input_ids" if prompt.dtype == torch.long else "inputs_embeds": prompt}
+        prompt_input = {"input_ids" if prompt.dim() == 2 else "inputs_embeds": prompt}
         prefill = self.generator(
             **prompt_input,
             attention_mask=attention_mask,
