@@ -112,9 +112,10 @@ def main() -> None:
         )
         cache_bytes = 2 * key.numel() * key.element_size()
         for kernel in list(DECODE_ATTENTION_KERNELS) + list(flex_settings):
-            attend = functools.partial(grouped_decode_attention, kernel=kernel)
             if kernel in flex_settings:
                 attend = flex_with_options(flex_settings[kernel], shape)
+            else:
+                attend = functools.partial(grouped_decode_attention, kernel=kernel)
 
             def step(attend=attend, calls=iter(range(1 << 62))):
                 layer_query, layer_key, layer_value, layer_mask = caches[next(calls) % len(caches)]

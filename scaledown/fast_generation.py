@@ -133,22 +133,38 @@ def _decode_attention(generator, kernel: str):
         config._attn_implementation = previous
 
 
+def _run_then_capture(
+    function, runs: int, device=None, captured_calls: int = 1, may_fail: bool = False
+) -> "torch.cuda.CUDAGraph | None":
+    """Call `function` `runs` times for real on a side stream (compilation, lazy allocations and kernel warm-up happen
+    there, off the capture, as capture requires), then capture `captured_calls` calls of it in a CUDA graph. The
+    captured calls are recorded, not run. With `may_fail`, a capture that raises gives None (the real runs' errors
+    still raise)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(runs):
+            function()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for _ in range(captured_calls):
+                function()
+    except RuntimeError:
+        if not may_fail:
+            raise
+        return None
+    return graph
+
+
 def cuda_graph_milliseconds(function, calls: int = 8, replays: int = 5) -> float:
     """GPU time of one call as the decode graph runs it: `calls` calls captured in one CUDA graph, replayed.
 
     Timing plain calls would charge a compiled kernel's Python and guard overhead, which the graph removes (at 32
     rows, flex attention measured 0.24 ms a call so, against 0.024 in a graph).
     """
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (and compilation) off the capture, as capture requires
-        for _ in range(3):
-            function()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            function()
+    graph = _run_then_capture(function, runs=3, captured_calls=calls)
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -344,33 +360,25 @@ class StaticGreedyGenerator:
         """Replay this state's prefill graph on `prompt`; a first call runs the prefill for real and then captures it.
 
         A generator whose prefill cannot be captured (its cache copies a CPU tensor in, as transformers' sliding-window
-        layers do on first use, or it synchronises with the host) keeps the eager prefill for this shape.
+        layers do on first use, or it synchronises with the host) has this call's prefill run for real all the same,
+        and its state marked (prefill_graph False) so that `generate` keeps the eager prefill for this shape.
         """
         if isinstance(state.prefill_graph, torch.cuda.CUDAGraph) and state.prefill_input.dtype == prompt.dtype:
             state.prefill_input.copy_(prompt)
             state.prefill_graph.replay()
             return
         batch, prompt_len = prompt.shape[:2]
-        device = prompt.device
-        positions = torch.arange(prompt_len, device=device).expand(batch, -1)  # no padding
-        if state.prefill_graph is False:
-            self._prefill(state, prompt, None, positions, eos_token_id, pad_token_id)
-            return
         # Every tensor the graph reads but does not allocate itself must outlive it, or its memory is reused.
-        state.prefill_input, state.prefill_positions = prompt.clone(), positions
-        side = torch.cuda.Stream(device)  # the real prefill of this call, off the capture, as the decode graph does
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            self._prefill(state, state.prefill_input, None, positions, eos_token_id, pad_token_id)
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):  # recorded, not run: the state keeps what the real prefill wrote
-                self._prefill(state, state.prefill_input, None, positions, eos_token_id, pad_token_id)
-        except RuntimeError:
+        state.prefill_input = prompt.clone()
+        state.prefill_positions = torch.arange(prompt_len, device=prompt.device).expand(batch, -1)  # no padding
+
+        def prefill():
+            self._prefill(state, state.prefill_input, None, state.prefill_positions, eos_token_id, pad_token_id)
+
+        # the real run is this call's prefill; the captured one leaves the state as the real run wrote it
+        state.prefill_graph = _run_then_capture(prefill, runs=1, device=prompt.device, may_fail=True)
+        if state.prefill_graph is None:
             state.prefill_graph, state.prefill_input, state.prefill_positions = False, None, None
-            return
-        state.prefill_graph = graph
 
     # ---- generation ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -408,7 +416,7 @@ class StaticGreedyGenerator:
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (batch, prompt_len)
         use_graph = self.use_cuda_graph if self.use_cuda_graph is not None else device.type == "cuda"
         prompt = input_ids if input_ids is not None else inputs_embeds
-        if use_graph and self._prefill_fits_graph(attention_mask):
+        if use_graph and state.prefill_graph is not False and self._prefill_fits_graph(attention_mask):
             self._prefill_through_graph(state, prompt, eos_token_id, pad_token_id)
         else:
             self._prefill(state, prompt, attention_mask, positions, eos_token_id, pad_token_id)
@@ -422,19 +430,12 @@ class StaticGreedyGenerator:
             for _ in range(remaining):
                 state.graph.replay()
         elif use_graph and remaining >= 3:
-            # First call of this shape: two steps run eagerly (on a side stream, as capture requires, which also
-            # warms up the kernels); the graph is captured once and replayed for the rest, and for later calls.
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._decode_step(state, eos_token_id, pad_token_id, dtype)
-            torch.cuda.current_stream(device).wait_stream(side)
+            # First call of this shape: two steps run for real, then one is captured and replayed for the rest,
+            # and for later calls.
+            state.graph = _run_then_capture(
+                lambda: self._decode_step(state, eos_token_id, pad_token_id, dtype), runs=2, device=device
+            )
             remaining -= 2
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._decode_step(state, eos_token_id, pad_token_id, dtype)
-            state.graph = graph
             for _ in range(remaining):
                 state.graph.replay()
         else:
