@@ -14,7 +14,7 @@ from scaledown.evaluation.flops import (
     generator_phases,
     hardware_from_device_name,
 )
-from scaledown.fast_generation import FLEX_TILES_SUPPORTED
+from scaledown.fast_generation import FLEX_TILES_SUPPORTED, StaticGreedyGenerator
 
 # hidden 8, MLP 16, 2 layers, 2 heads of 4 dims, 1 KV head, vocabulary 10.
 TINY = dict(
@@ -401,3 +401,19 @@ def test_overlap_timeline_reads_concurrency_per_stream(tmp_path):
     assert streams == {7: [(0, 20), (30, 40)], 58: [(15, 35)]}
     assert timeline.overlap_length(streams[7], streams[58]) == 10  # 15-20 and 30-35
     assert timeline.busy_intervals(streams[7] + streams[58]) == [(0, 40)]
+
+
+def test_split_decode_rewind_decodes_the_same_tokens_again(make_model):
+    script = _benchmark_script("split_decode")
+    generator = make_model("llama").generator
+    ids = torch.randint(3, generator.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    engine = StaticGreedyGenerator(generator, use_cuda_graph=False)
+    first = engine.generate(attention_mask=torch.ones_like(ids), max_new_tokens=6, input_ids=ids)
+    state = engine._state
+    state.output.fill_(-1)
+    state.output[:, 0] = first[:, 0]
+    script.rewind(engine, prompt_len=12)
+    dtype = generator.get_input_embeddings().weight.dtype
+    for _ in range(5):  # what the decode graph's replays run
+        engine._decode_step(state, eos_token_id=None, pad_token_id=0, dtype=dtype)
+    assert torch.equal(state.output, first)
