@@ -17,6 +17,7 @@ from scaledown.evaluation.evaluate import resolve_device, resolve_dtype, tokeniz
 from scaledown.evaluation.flops import TransformerShape, detect_hardware, generator_phases
 from scaledown.fast_generation import StaticGreedyGenerator, compile_elementwise_work
 from scaledown.modeling_scaledown import text_prompt
+from split_decode import rewind
 
 
 def median_ms(function, device, repeats: int) -> float:
@@ -66,18 +67,11 @@ def main() -> None:
                 generator(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
 
         def decode():
-            state = engine._state  # rewound to just after the prefill, so that the replays write in bounds
-            if state.graph is None:
+            if engine._state.graph is None:
                 raise RuntimeError("Decode timing replays the captured CUDA graph: run it on a GPU.")
-            prompt_len = inputs["attention_mask"].shape[1]
-            state.step.fill_(1)
-            state.cache_position.fill_(prompt_len)
-            for layer in state.cache.layers:  # transformers' static layers count their own write position
-                if hasattr(layer, "cumulative_length"):
-                    layer.cumulative_length.fill_(prompt_len)
-            state.positions.copy_(positions[:, -1:] + 1)
+            rewind(engine, inputs["attention_mask"])  # so that the replays write in bounds
             for _ in range(steps - 1):
-                state.graph.replay()
+                engine._state.graph.replay()
 
         try:
             total = median_ms(whole, device, args.repeats)

@@ -23,27 +23,29 @@ from scaledown.evaluation.evaluate import resolve_device, resolve_dtype
 from scaledown.fast_generation import StaticGreedyGenerator, compile_elementwise_work
 
 
-def rewind(engine: StaticGreedyGenerator, prompt_len: int) -> None:
-    """Back to just after the prefill of a call without padding or EOS: the replays that follow write inside the
-    cache and decode what that call decoded."""
+def rewind(engine: StaticGreedyGenerator, attention_mask: torch.Tensor) -> None:
+    """Back to just after the prefill of the engine's last call (without EOS; `attention_mask` its left-padded
+    `(batch, prompt_len)` mask): the replays that follow write inside the cache and decode what that call decoded."""
     state = engine._state
-    state.key_mask[:, prompt_len:] = False
+    prompt_len = attention_mask.shape[1]
+    state.key_mask.zero_()
+    state.key_mask[:, :prompt_len] = attention_mask.bool()
     state.tokens.copy_(state.output[:, :1])  # the prefill's token
+    state.positions.copy_(attention_mask.long().sum(-1, keepdim=True))  # positions skip the left padding
     state.step.fill_(1)
     state.cache_position.fill_(prompt_len)
-    state.positions.fill_(prompt_len)
     for layer in state.cache.layers:  # transformers' static layers count their own write position
         if hasattr(layer, "cumulative_length"):
             layer.cumulative_length.fill_(prompt_len)
 
 
-def ms_per_step(engines, streams, prompt_len: int, steps: int, repeats: int = 3) -> float:
+def ms_per_step(engines, streams, attention_mask: torch.Tensor, steps: int, repeats: int = 3) -> float:
     """Median ms of one decode step of the whole batch: every micro-batch's graph replayed `steps` times."""
     main = torch.cuda.current_stream()
     times = []
     for repeat in range(repeats + 1):  # the first is a warm-up
         for engine in engines:
-            rewind(engine, prompt_len)
+            rewind(engine, attention_mask)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for stream in streams:
@@ -102,7 +104,7 @@ def main() -> None:
                 row = {
                     "batch": batch, "prompt_len": prompt_len, "micro_batches": split, "streams": name,
                     "kernel": engines[0].attention_kernel,
-                    "ms_per_step": ms_per_step(engines, streams, prompt_len, steps),
+                    "ms_per_step": ms_per_step(engines, streams, torch.ones_like(ids[:part]), steps),
                 }  # fmt: skip
                 rows.append(row)
                 print(json.dumps(row), flush=True)

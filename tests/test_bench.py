@@ -407,12 +407,14 @@ def test_split_decode_rewind_decodes_the_same_tokens_again(make_model):
     script = _benchmark_script("split_decode")
     generator = make_model("llama").generator
     ids = torch.randint(3, generator.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding: its positions start after it
     engine = StaticGreedyGenerator(generator, use_cuda_graph=False)
-    first = engine.generate(attention_mask=torch.ones_like(ids), max_new_tokens=6, input_ids=ids)
+    first = engine.generate(attention_mask=mask, max_new_tokens=6, input_ids=ids)
     state = engine._state
     state.output.fill_(-1)
     state.output[:, 0] = first[:, 0]
-    script.rewind(engine, prompt_len=12)
+    script.rewind(engine, mask)
     dtype = generator.get_input_embeddings().weight.dtype
     for _ in range(5):  # what the decode graph's replays run
         engine._decode_step(state, eos_token_id=None, pad_token_id=0, dtype=dtype)
