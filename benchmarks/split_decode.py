@@ -15,6 +15,7 @@ Random weights and token ids, no padding; needs a GPU (it times captured decode 
 
 import json
 import os
+import statistics
 
 import torch
 
@@ -42,12 +43,10 @@ def rewind(engine: StaticGreedyGenerator, attention_mask: torch.Tensor) -> None:
 def ms_per_step(engines, streams, attention_mask: torch.Tensor, steps: int, repeats: int = 3) -> float:
     """Median ms of one decode step of the whole batch: every micro-batch's graph replayed `steps` times."""
     main = torch.cuda.current_stream()
-    times = []
-    for repeat in range(repeats + 1):  # the first is a warm-up
+
+    def replay_all():
         for engine in engines:
             rewind(engine, attention_mask)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
         for stream in streams:
             stream.wait_stream(main)
         for _ in range(steps):
@@ -56,11 +55,9 @@ def ms_per_step(engines, streams, attention_mask: torch.Tensor, steps: int, repe
                     engine._state.graph.replay()
         for stream in streams:
             main.wait_stream(stream)
-        end.record()
-        end.synchronize()
-        if repeat:
-            times.append(start.elapsed_time(end) / steps)
-    return sorted(times)[len(times) // 2]
+
+    seconds = bench.timed_runs(replay_all, main.device, warmup=1, repeats=repeats)
+    return 1000 * statistics.median(seconds) / steps
 
 
 def main() -> None:
@@ -80,7 +77,7 @@ def main() -> None:
     rows = []
     for case in args.cases.split(","):
         batch, prompt_len = (int(v) for v in case.split("x"))
-        ids = torch.randint(3, vocab, (batch, prompt_len), device=device, generator=None)
+        ids = torch.randint(3, vocab, (batch, prompt_len), device=device)
         for split in (int(s) for s in args.splits.split(",")):
             if batch % split:
                 continue
