@@ -291,3 +291,83 @@ def test_flex_attention_block_size_rejects_other_names():
     for name in bad_names:
         with pytest.raises(ValueError, match="flex_attention_block64x32"):
             flex_attention_with_block_size(name)
+
+
+def _modernbert_with_scaled_norms(dtype=torch.float32):
+    """A 4-layer ModernBERT (global attention in layers 0 and 3, a band of 8 elsewhere) whose norms scale unevenly."""
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.for_model(
+        "modernbert",
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        local_attention=8,
+        pad_token_id=0,
+        bos_token_id=1,
+        cls_token_id=1,
+        eos_token_id=2,
+        sep_token_id=2,
+    )
+    torch.manual_seed(0)
+    encoder = AutoModel.from_config(config, attn_implementation="sdpa").to(dtype).eval()
+    with torch.no_grad():
+        for module in encoder.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+    input_ids = torch.randint(1, 100, (3, 24))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 17:] = 0  # a padded row
+    return encoder, dict(input_ids=input_ids, attention_mask=attention_mask)
+
+
+@pytest.mark.skipif(not FLEX_TILES_SUPPORTED, reason="folding needs transformers 5's ModernBERT layers")
+@torch.no_grad()
+def test_folded_encoder_norms_give_the_encoders_outputs():
+    from scaledown.fast_generation import fold_encoder_norms
+
+    encoder, inputs = _modernbert_with_scaled_norms()
+    expected = encoder(**inputs).last_hidden_state  # [3, 24, 32]
+    names = list(encoder.state_dict())
+    assert fold_encoder_norms(encoder) == 4
+    assert list(encoder.state_dict()) == names  # the folded copies are not saved
+    kept = inputs["attention_mask"].bool()
+    torch.testing.assert_close(encoder(**inputs).last_hidden_state[kept], expected[kept], rtol=1e-4, atol=1e-5)
+    for layer in encoder.layers:  # the layers now read the folded copies, not the norms' weights
+        for norm in (layer.attn_norm, layer.mlp_norm):
+            if isinstance(norm, torch.nn.LayerNorm):
+                norm.weight.zero_()
+    torch.testing.assert_close(encoder(**inputs).last_hidden_state[kept], expected[kept], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not FLEX_TILES_SUPPORTED, reason="folding needs transformers 5's ModernBERT layers")
+@torch.no_grad()
+def test_folded_encoder_norms_stay_within_bf16_rounding():
+    from scaledown.fast_generation import fold_encoder_norms
+
+    reference, inputs = _modernbert_with_scaled_norms(torch.float32)
+    expected = reference(**inputs).last_hidden_state
+    plain, _ = _modernbert_with_scaled_norms(torch.bfloat16)
+    plain_error = (plain(**inputs).last_hidden_state.float() - expected).abs().mean()
+    fold_encoder_norms(plain)
+    folded_error = (plain(**inputs).last_hidden_state.float() - expected).abs().mean()
+    assert 0 < folded_error < 2 * plain_error
+
+
+def test_fold_encoder_norms_rejects_what_it_cannot_fold(monkeypatch):
+    from scaledown import fast_generation
+
+    monkeypatch.setattr(fast_generation.transformers, "__version__", "5.0.0")
+    with pytest.raises(ValueError, match="no ModernBERT encoder layers"):
+        fast_generation.fold_encoder_norms(torch.nn.Linear(4, 4))
+    if FLEX_TILES_SUPPORTED:
+        encoder, _ = _modernbert_with_scaled_norms()
+        encoder.layers[1].mlp_norm.bias = torch.nn.Parameter(torch.zeros(32))
+        with pytest.raises(ValueError, match="norm_bias, attention_bias and mlp_bias must be False"):
+            fast_generation.fold_encoder_norms(encoder)
+    monkeypatch.setattr(fast_generation.transformers, "__version__", "4.57.1")
+    with pytest.raises(ValueError, match="needs transformers 5"):
+        fast_generation.fold_encoder_norms(torch.nn.Linear(4, 4))
