@@ -19,7 +19,6 @@ from scaledown.fast_generation import (
     StaticGreedyGenerator,
     compile_compressor,
     compile_elementwise_work,
-    fold_encoder_norms,
     generate_compressed,
 )
 from scaledown.modeling_scaledown import text_prompt
@@ -104,9 +103,6 @@ def main() -> None:
     float32 = {}
     if args.float32_reference:
         float32 = {name: float32_reference(module, generate) for name, (module, generate) in run_plain.items()}
-    for name, model in models.items():
-        if args.fold_encoder_norms and model.config.uses_encoder_compressor:
-            print(f"{name} compressor: LayerNorms folded in {fold_encoder_norms(model.compressor)} layers")
     if args.compile:
         print(f"generator: compiled {compile_elementwise_work(generator)}")
         for name, model in models.items():
@@ -122,7 +118,6 @@ def main() -> None:
         side_engine = StaticGreedyGenerator(model.generator, decode_attention_kernel=kernel)
         fast[name] = generate_compressed(model, batches[name], side_engine, steps, stop_at_eos=False, return_scores=True)
     engine = "fast path" + (" (compiled)" if args.compile else "")
-    engine += " (norms folded)" if args.fold_encoder_norms else ""
     for name in run_plain:
         print(f"== {name}")
         compare(f"{engine} vs plain bf16", *fast[name], *plain[name])

@@ -12,9 +12,7 @@ Random weights of the real shapes, the bench's protocol (10 documents a query). 
 - compiled-efficient: the whole encoder compiled, SDPA limited to the memory-efficient kernel;
 - compiled-blocks: each of the encoder's blocks (`_no_split_modules`) compiled, the masks built eagerly;
 - compiled-coordinate-descent: the whole encoder compiled, inductor tuning each fused element-wise kernel's launch
-  configuration (`coordinate_descent_tuning`);
-- compiled-folded-norms: the whole encoder compiled after `fold_encoder_norms` (LayerNorms folded into the matrix
-  products, residual sums into `addmm`).
+  configuration (`coordinate_descent_tuning`).
 
 NOTES.md holds the H100 numbers.
 """
@@ -28,7 +26,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from scaledown.evaluation import bench
 from scaledown.evaluation.evaluate import resolve_device, resolve_dtype
-from scaledown.fast_generation import fold_encoder_norms
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from phase_times import median_ms, print_top_kernels  # noqa: E402
@@ -42,7 +39,6 @@ BACKENDS = {  # variant -> the SDPA kernels it may use (None: SDPA's own choice)
     "compiled-efficient": [SDPBackend.EFFICIENT_ATTENTION],
     "compiled-blocks": None,
     "compiled-coordinate-descent": None,
-    "compiled-folded-norms": None,
 }
 
 
@@ -66,9 +62,6 @@ def main() -> None:
         side = bench.CompressedSide(names[0], model, protocol, torch.finfo(dtype).bits // 8, "static")
         batch = side.prepare(questions, documents, device)
         if variant in ("compiled", "compiled-efficient"):
-            model.compressor.compile()
-        elif variant == "compiled-folded-norms":
-            fold_encoder_norms(model.compressor)
             model.compressor.compile()
         elif variant == "compiled-coordinate-descent":
             model.compressor.compile(options={"coordinate_descent_tuning": True})

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 import transformers
 from transformers import AttentionInterface, StaticCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 # How a decode step's grouped attention is computed: "sdpa" lets PyTorch pick (cuDNN on an H100), the next three force
 # one SDPA backend, "matmul" is two batched matrix products around a float32 softmax, "flex" is PyTorch's flex
@@ -544,10 +543,6 @@ def _flex_attention_with_tiles(module, query, key, value, attention_mask, tiles:
 
     if query.is_cuda:  # tile sizes of the compiled kernel; CPU kernels choose their own
         kwargs["kernel_options"] = {"BLOCK_M": tiles[0], "BLOCK_N": tiles[1]}
-        # Flex writes its output in the query's memory order. Queries laid out as [batch, position, head, dim] make
-        # the output already what the next product reads, so the transpose after attention costs nothing; compiled,
-        # the reordering joins the rotary kernel that writes the queries anyway.
-        query = query.transpose(1, 2).contiguous().transpose(1, 2)
     return flex_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -600,110 +595,6 @@ def compile_compressor(model) -> str:
         model.compressor.compile()
         return "the whole encoder"
     return compile_elementwise_work(model.compressor)
-
-
-def _row_statistics(rows: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """LayerNorm's mean and 1 / standard deviation of each row, float32: [rows, width] -> two [rows, 1]."""
-    rows = rows.float()
-    mean = rows.mean(dim=-1, keepdim=True)
-    return mean, torch.rsqrt((rows - mean).square().mean(dim=-1, keepdim=True) + eps)
-
-
-def _normed_product(rows: torch.Tensor, layer, norm: str, linear: torch.nn.Linear) -> torch.Tensor:
-    """linear(layer.<norm>(rows)) for rows [n, width] -> [n, out], without writing the normed rows out.
-
-    With g the norm's weight, W' = W * g and c = W'.sum(1):
-    LayerNorm(x) @ W.T = ((x - mean) * rstd * g) @ W.T = rstd * (x @ W'.T - mean * c).
-    """
-    weight, column_sums = getattr(layer, f"{norm}_folded_weight"), getattr(layer, f"{norm}_folded_column_sums")
-    if weight is None:  # no norm before this product (ModernBERT's first layer)
-        return linear(getattr(layer, norm)(rows))
-    mean, inverse_std = _row_statistics(rows, getattr(layer, norm).eps)
-    return ((rows @ weight.t()).float() - mean * column_sums).mul(inverse_std).to(rows.dtype)
-
-
-def _fold(layer, norm_name: str, linear: torch.nn.Linear) -> None:
-    """Store W * g and (W * g).sum(1) (float32) of a bias-free LayerNorm before a bias-free Linear on the layer, as
-    non-persistent buffers (None for no norm) that follow the layer's device and are not saved."""
-    norm = getattr(layer, norm_name)
-    if isinstance(norm, torch.nn.Identity):
-        weight = column_sums = None
-    elif not isinstance(norm, torch.nn.LayerNorm) or norm.bias is not None or linear.bias is not None:
-        raise ValueError(
-            f"fold_encoder_norms folds a bias-free LayerNorm into a bias-free Linear, found {norm} before {linear}: "
-            "keep this encoder unfolded (norm_bias, attention_bias and mlp_bias must be False, as in ModernBERT)."
-        )
-    else:
-        weight = (linear.weight.float() * norm.weight.float()).to(linear.weight.dtype)  # [out, width]
-        column_sums = weight.float().sum(dim=1)  # [out]
-    layer.register_buffer(f"{norm_name}_folded_weight", weight, persistent=False)
-    layer.register_buffer(f"{norm_name}_folded_column_sums", column_sums, persistent=False)
-
-
-def _encoder_layer_with_folded_norms(layer, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
-    """A ModernBERT encoder layer (transformers 5) with both LayerNorms folded into the products after them and both
-    residual sums done by the products before them (`torch.addmm`): [batch, length, width] -> the same."""
-    attention, family = layer.attn, sys.modules[type(layer.attn).__module__]
-    batch, length, width = hidden_states.shape
-    rows = hidden_states.reshape(-1, width)  # [batch * length, width]: the residual stream
-
-    qkv = _normed_product(rows, layer, "attn_norm", attention.Wqkv)  # [rows, 3 * width]
-    query, key, value = qkv.view(batch, length, 3, -1, attention.head_dim).unbind(dim=2)  # each [b, len, heads, dim]
-    query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [b, heads, len, dim]
-    cos, sin = position_embeddings
-    query, key = family.apply_rotary_pos_emb(query, key, cos, sin, unsqueeze_dim=1)
-    attend = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, family.eager_attention_forward)
-    attended, _ = attend(
-        attention,
-        query,
-        key,
-        value,
-        attention_mask,
-        dropout=0.0,
-        scaling=attention.head_dim**-0.5,
-        sliding_window=attention.sliding_window,
-        deterministic=attention.deterministic_flash_attn,
-        **kwargs,
-    )  # [batch, length, heads, dim]
-    rows = torch.addmm(rows, attended.reshape(-1, width), attention.Wo.weight.t())
-
-    mlp = layer.mlp
-    gate_input, gate = _normed_product(rows, layer, "mlp_norm", mlp.Wi).chunk(2, dim=-1)
-    rows = torch.addmm(rows, mlp.act(gate_input) * gate, mlp.Wo.weight.t())
-    return rows.view(batch, length, width)
-
-
-ENCODER_LAYER_PARTS = ("attn_norm", "attn", "mlp_norm", "mlp")  # what a ModernBERT encoder layer holds
-
-
-def fold_encoder_norms(encoder: torch.nn.Module) -> int:
-    """Serve a ModernBERT encoder with its LayerNorms folded into the matrix products; returns the layers changed.
-
-    A compiled layer spends about a sixth of its time in fused residual-add-and-LayerNorm kernels that read two
-    tensors and write two (NOTES.md). Folded, each norm is one read for its row statistics: the norm's weight moves
-    into a copy of the next product's weight, the centring and scaling into that product's epilogue (fused by the
-    compiler into the rotary or GeGLU kernel that reads the product anyway), and the residual sum into the previous
-    product (`addmm`). Exact in real arithmetic; in bf16 the product is rounded before its centring, as plain
-    LayerNorm rounds after it. For inference with final weights: the folded copies (non-persistent buffers, not
-    saved) do not follow later changes of the weights. Needs transformers 5's ModernBERT layer.
-    """
-    if int(transformers.__version__.split(".")[0]) < 5:
-        raise ValueError(
-            f"fold_encoder_norms needs transformers 5's ModernBERT layers, found {transformers.__version__}: "
-            "upgrade transformers or serve the encoder unfolded."
-        )
-    layers = [
-        module
-        for module in encoder.modules()
-        if type(module).__name__.endswith("EncoderLayer") and all(hasattr(module, part) for part in ENCODER_LAYER_PARTS)
-    ]
-    if not layers:
-        raise ValueError(f"fold_encoder_norms found no ModernBERT encoder layers in {type(encoder).__name__}.")
-    for layer in layers:
-        _fold(layer, "attn_norm", layer.attn.Wqkv)
-        _fold(layer, "mlp_norm", layer.mlp.Wi)
-        layer.forward = functools.partial(_encoder_layer_with_folded_norms, layer)
-    return len(layers)
 
 
 def compress_batch(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:

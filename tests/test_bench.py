@@ -289,27 +289,6 @@ def test_encoder_attention_flag_reaches_encoder_compressors_only(tmp_path):
     assert report["settings"]["attn_implementation"] == "sdpa"
 
 
-@pytest.mark.skipif(not FLEX_TILES_SUPPORTED, reason="folding needs transformers 5's ModernBERT layers")
-def test_fold_encoder_norms_flag_reaches_encoder_compressors_only(tmp_path, monkeypatch):
-    folded = []
-
-    def recording(encoder):
-        folded.append(type(encoder).__name__)
-        return bench_fold(encoder)
-
-    bench_fold = bench.fold_encoder_norms
-    monkeypatch.setattr(bench, "fold_encoder_norms", recording)
-    argv = ["--shape", "tiny", "--compressor", "2l,modernbert-base", "--batch_sizes", "1", "--engine", "static",
-            "--query_tokens", "8", "--document_tokens", "8", "--num_documents", "1", "--new_tokens", "2",
-            "--repeats", "1", "--warmup", "0", "--device", "cpu", "--fold_encoder_norms",
-            "--output_dir", str(tmp_path)]  # fmt: skip
-    assert bench.main(argv) == 0
-    assert folded == ["ModernBertModel"]
-    report = json.loads((tmp_path / "bench_tiny_2l-modernbert-base_static_folded-norms.json").read_text())
-    assert report["settings"]["fold_encoder_norms"] is True
-    assert all("error" not in record for record in report["results"])
-
-
 def test_overlapped_stream_is_timed_per_batch(tmp_path, monkeypatch):
     streams = []
     overlapped = bench.generate_compressed_overlapped

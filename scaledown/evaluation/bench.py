@@ -44,7 +44,6 @@ from ..fast_generation import (
     compile_elementwise_work,
     compress_batch,
     flex_attention_with_block_size,
-    fold_encoder_norms,
     generate_compressed,
     generate_compressed_overlapped,
 )
@@ -744,12 +743,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.compile the generator's norms, MLPs and rotary embedding (both sides) and each compressor",
     )
     parser.add_argument(
-        "--fold_encoder_norms",
-        action="store_true",
-        help="an encoder compressor (ModernBERT, transformers 5) with its LayerNorms folded into the matrix products "
-        "after them (fast_generation.fold_encoder_norms; numerics differ within bf16 rounding)",
-    )
-    parser.add_argument(
         "--overlap_batches",
         type=int,
         default=1,
@@ -812,7 +805,6 @@ def _settings(
             "static": "scaledown.fast_generation (greedy, static KV cache, CUDA-graph decode, no EOS stop)",
         }[args.engine],
         "compile": args.compile,
-        "fold_encoder_norms": args.fold_encoder_norms,
         "overlap_batches": args.overlap_batches,
         "decode_attention_kernel": args.decode_attention_kernel,
         "hardware": asdict(hardware) if hardware is not None else None,
@@ -898,7 +890,6 @@ def run(args: argparse.Namespace) -> dict:
     stem = f"bench_{'checkpoint' if args.checkpoint else args.shape}_{'-'.join(compressor_names)}_{args.engine}"
     stem += "_compiled" if args.compile else ""
     stem += f"_encoder-{args.encoder_attn_implementation}" if args.encoder_attn_implementation else ""
-    stem += "_folded-norms" if args.fold_encoder_norms else ""
     stem += f"_overlap{args.overlap_batches}" if args.overlap_batches > 1 else ""
     stem += f"_decode-{args.decode_attention_kernel}" if args.decode_attention_kernel != DECODE_ATTENTION_KERNEL else ""
     json_path, png_path = (os.path.join(args.output_dir, f"{stem}.{ext}") for ext in ("json", "png"))
@@ -941,8 +932,6 @@ def run(args: argparse.Namespace) -> dict:
         else:
             scaledown = model
         set_encoder_attention(scaledown, args.encoder_attn_implementation)
-        if args.fold_encoder_norms and scaledown.config.uses_encoder_compressor:
-            log(f"{name} compressor: LayerNorms folded in {fold_encoder_norms(scaledown.compressor)} layers")
         if args.compile:
             log(f"{name} compressor: compiled {compile_compressor(scaledown)}")
         side = CompressedSide(
