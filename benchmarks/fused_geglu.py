@@ -10,7 +10,9 @@ applies the GeGLU before anything is written, and writes half as much. This time
 
 - cuBLAS: the product alone, and the product followed by the compiled GeGLU (what the compiled compressor runs);
 - Triton: the same product written as a plain Triton kernel (how close Triton's matrix product comes to cuBLAS), and
-  with the GeGLU in its epilogue.
+  with the GeGLU in its epilogue;
+- inductor: the product compiled with `max-autotune` and its persistent TMA templates on, which times cuBLAS against
+  inductor's own Triton templates and keeps the fastest (its table of candidates goes to stderr).
 
 Needs a CUDA GPU (Triton). NOTES.md holds the H100 numbers.
 """
@@ -78,6 +80,14 @@ def triton_product(x: torch.Tensor, weight: torch.Tensor, gated: bool) -> torch.
     return out
 
 
+torch._inductor.config.triton.enable_persistent_tma_matmul = True  # Hopper's TMA copies among inductor's templates
+
+
+@torch.compile(mode="max-autotune-no-cudagraphs")
+def autotuned_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x @ weight.t()
+
+
 @torch.compile
 def geglu(hidden: torch.Tensor) -> torch.Tensor:
     """ModernBERT's activation: [rows, 2 x n] -> [rows, n]."""
@@ -105,6 +115,7 @@ def main() -> None:
             "cuBLAS product + compiled GeGLU": lambda: geglu(x @ weight.t()),
             "Triton product": lambda: triton_product(x, weight, gated=False),
             "Triton product, GeGLU in its epilogue": lambda: triton_product(x, weight, gated=True),
+            "inductor max-autotune product": lambda: autotuned_product(x, weight),
         }
         reference = variants["cuBLAS product + compiled GeGLU"]()
         flops = 2 * rows * args.width * weight.shape[0]
