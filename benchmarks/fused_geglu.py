@@ -14,18 +14,18 @@ applies the GeGLU before anything is written, and writes half as much. This time
 - inductor: the product compiled with `max-autotune` and its persistent TMA templates on, which times cuBLAS against
   inductor's own Triton templates and keeps the fastest (its table of candidates goes to stderr).
 
-Needs a CUDA GPU (Triton). NOTES.md holds the H100 numbers.
+Each is timed as four calls captured in a CUDA graph and replayed (no launch or Python overhead). Needs a CUDA GPU
+(Triton). NOTES.md holds the H100 numbers.
 """
 
 import argparse
-import statistics
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from scaledown.evaluation import bench
+from scaledown.fast_generation import cuda_graph_milliseconds
 
 CONFIGS = [
     triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--rows", default="1377280,172160", help="comma-separated row counts (positions)")
     parser.add_argument("--width", type=int, default=768, help="ModernBERT-base's hidden size")
     parser.add_argument("--intermediate", type=int, default=1152, help="ModernBERT-base's intermediate size")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=10, help="replays of each variant's graph")
     args = parser.parse_args()
     device = torch.device("cuda")
     torch.manual_seed(0)
@@ -121,7 +121,7 @@ def main() -> None:
         flops = 2 * rows * args.width * weight.shape[0]
         baseline = None
         for name, function in variants.items():
-            milliseconds = 1000 * statistics.median(bench.timed_runs(function, device, warmup=3, repeats=args.repeats))
+            milliseconds = cuda_graph_milliseconds(function, calls=4, replays=args.repeats)
             baseline = baseline if name != "cuBLAS product + compiled GeGLU" else milliseconds
             output = function()
             diff = (output.float() - reference.float()).abs().max().item() if output.shape == reference.shape else None
