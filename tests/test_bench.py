@@ -204,6 +204,18 @@ def test_largest_batch_on_cpu_is_the_requested_maximum():
     assert bench.largest_batch_that_fits(side=None, requests=None, max_batch_size=7, device=torch.device("cpu")) == 7
 
 
+def test_largest_batch_search_steps_down_through_sizes_above_256(monkeypatch):
+    tried = []
+
+    def fits(side, requests, batch_size, device):
+        tried.append(batch_size)
+        return batch_size <= 640
+
+    monkeypatch.setattr(bench, "fits", fits)
+    found = bench.largest_batch_that_fits(side=None, requests=None, max_batch_size=900, device=torch.device("cuda"))
+    assert (found, tried) == (640, [900, 768, 640])
+
+
 def test_bench_command_on_a_checkpoint(make_model, tmp_path):
     make_model("llama").save_pretrained(tmp_path / "checkpoint")
     bench.main(

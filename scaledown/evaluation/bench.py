@@ -135,7 +135,7 @@ ENCODER_SHAPES = {
 }
 ENCODER_COMPRESSORS = ("modernbert-base",)
 DEFAULT_COMPRESSORS = "5l,8l,10l,modernbert-base"
-BATCH_CANDIDATES = (256, 192, 128, 96, 64, 48, 32, 24, 16, 12, 8, 4, 2, 1)  # tried from the top in the search
+BATCH_CANDIDATES = (1024, 768, 640, 512, 384, 256, 192, 128, 96, 64, 48, 32, 24, 16, 12, 8, 4, 2, 1)  # tried from the top
 
 # Words of the synthetic queries and documents; with the bench's word-level tokenizer each word is one token.
 TEXT_WORDS = (
