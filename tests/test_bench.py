@@ -250,7 +250,11 @@ def test_bench_command_on_a_checkpoint(make_model, tmp_path):
 
 
 def test_max_batch_steps_down_when_repeated_runs_run_out_of_memory(monkeypatch):
+    import sys
+
     monkeypatch.setattr(bench, "largest_batch_that_fits", lambda *args: 128)  # one run fitted at 128
+    handling = []  # at each freeing of memory: was an exception (whose frames hold the failed run's tensors) alive?
+    monkeypatch.setattr(bench, "_free_memory", lambda device: handling.append(sys.exc_info()[0] is not None))
 
     def measure(side, requests, batch_size, label, *rest):
         if batch_size > 64:
@@ -263,6 +267,7 @@ def test_max_batch_steps_down_when_repeated_runs_run_out_of_memory(monkeypatch):
     records = bench.bench_side(side, batch_labels=["max", "96"], log=lambda message: None, **common)
     assert records["max"]["batch_size"] == 64
     assert records["96"]["error"] == "out of memory"  # a fixed batch size is reported, not changed
+    assert handling and not any(handling)
 
 
 def test_static_engine_bench_on_tiny_shapes(tmp_path):

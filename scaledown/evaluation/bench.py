@@ -556,13 +556,15 @@ def bench_side(
             except RuntimeError as error:
                 if not is_out_of_memory(error):
                     raise
-                smaller = [c for c in BATCH_CANDIDATES if c < batch_size]
-                if label != "max" or not smaller:
-                    break
-                # One run fitted but the repeated runs did not (fragmentation): the largest is one step down.
-                log(f"  {side.name:>15} batch {label:>3} (B={batch_size}): out of memory when repeated, trying {smaller[0]}")
-                _free_memory(device)
-                batch_size = smaller[0]
+            # Out of memory. Memory is freed here, after the except block: until then the exception's frames hold the
+            # failed run's tensors, and every smaller batch tried would run out of memory too.
+            _free_memory(device)
+            smaller = [c for c in BATCH_CANDIDATES if c < batch_size]
+            if label != "max" or not smaller:
+                break
+            # One run fitted but the repeated runs did not (fragmentation): the largest is one step down.
+            log(f"  {side.name:>15} batch {label:>3} (B={batch_size}): out of memory when repeated, trying {smaller[0]}")
+            batch_size = smaller[0]
         if label not in records:
             compressed = isinstance(side, CompressedSide)
             records[label] = {
