@@ -556,14 +556,14 @@ def bench_side(
             except RuntimeError as error:
                 if not is_out_of_memory(error):
                     raise
-            # Out of memory. Memory is freed here, after the except block: until then the exception's frames hold the
-            # failed run's tensors, and every smaller batch tried would run out of memory too.
-            _free_memory(device)
             smaller = [c for c in BATCH_CANDIDATES if c < batch_size]
             if label != "max" or not smaller:
-                break
+                break  # out of memory, reported below
             # One run fitted but the repeated runs did not (fragmentation): the largest is one step down.
             log(f"  {side.name:>15} batch {label:>3} (B={batch_size}): out of memory when repeated, trying {smaller[0]}")
+            # Freed here, after the except block: until then the exception's frames hold the failed run's tensors,
+            # and every smaller batch tried would run out of memory too.
+            _free_memory(device)
             batch_size = smaller[0]
         if label not in records:
             compressed = isinstance(side, CompressedSide)
