@@ -86,6 +86,8 @@ def main() -> None:
         base, chunk_documents = split_variant(variant)
         backends = BACKENDS[base]
         torch._dynamo.reset()  # each variant compiles a new model: no recompilation limit carried over
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)  # the peak printed below is this variant's own
         torch.manual_seed(args.seed)
         model = bench.build_random_scaledown(
             names[0], generator, tokenizer, args.shape, protocol, device, dtype, args.attn_implementation
