@@ -11,6 +11,10 @@ tests compare against `generate`.
 
 Decode-step masks are given to the generator as 4D boolean tensors over cache slots, which every attention path of
 transformers 4.57 and 5 passes through unchanged; a left-padded prompt keeps its padding slots in the cache, masked.
+
+A large batch whose prompts open with the same tokens (chat template, system prompt) prefills that prefix once and
+each row's remainder against its keys and values, as serving engines with prefix caching do: exact under causal
+attention, and worth most to compressed prompts, whose shared template is a larger part of them.
 """
 
 import contextlib
@@ -37,6 +41,11 @@ DECODE_ATTENTION_KERNEL = "auto"
 # A prompt of at most this many tokens (batch x length) and without padding is prefilled by replaying a CUDA graph:
 # at batch 1 the prefill's time is its kernel launches, not its arithmetic (benchmarks/NOTES.md).
 PREFILL_GRAPH_MAX_TOKENS = 2048
+# The shared prefix is prefilled apart when the prompt tokens this spares, (batch - 1) x prefix length, reach this
+# many: below it the extra forward pass's launches cost about what its arithmetic saves (benchmarks/NOTES.md).
+SHARED_PREFIX_MIN_TOKENS = 2048
+# The attention function of a shared prefix's remainder: causal, aligned to the last key (registered below).
+SUFFIX_ATTENTION = "scaledown_causal_suffix"
 
 
 def _check_decode_attention_kernel(kernel: str, allow_auto: bool = False) -> None:
@@ -116,21 +125,85 @@ def _attention_name(kernel: str) -> str:
     return f"scaledown_grouped_decode_{kernel}"
 
 
+def causal_suffix_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Attention of a prompt's last positions over all of its keys, for prompts without padding.
+
+    query: `(batch, heads, rest, head_dim)`; key, value: `(batch, kv_heads, prompt_len, head_dim)`. Causal aligned
+    to the last key (query i sits at slot prompt_len - rest + i), which SDPA's flash kernel computes without a mask;
+    transformers would build the mask and leave flash. attention_mask is not read: the engine routes only prompts
+    without padding here. Returns `(batch, rest, heads, head_dim)` as transformers' attention functions do.
+    """
+    from torch.nn.attention.bias import causal_lower_right
+
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # the flash kernel wants as many key/value heads as query heads
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    causal = causal_lower_right(query.shape[2], key.shape[2])
+    output = F.scaled_dot_product_attention(query, key, value, attn_mask=causal, scale=scaling)
+    return output.transpose(1, 2).contiguous(), None
+
+
 for _kernel in DECODE_ATTENTION_KERNELS:  # one registered attention function per kernel, chosen through the config
     AttentionInterface.register(_attention_name(_kernel), functools.partial(grouped_decode_attention, kernel=_kernel))
+AttentionInterface.register(SUFFIX_ATTENTION, causal_suffix_attention)
 
 
 @contextlib.contextmanager
-def _decode_attention(generator, kernel: str):
-    """Route the generator's SDPA attention through `grouped_decode_attention` (other implementations untouched)."""
+def _sdpa_routed_to(generator, implementation: str | None):
+    """Route the generator's SDPA attention through a registered attention function (other implementations, and
+    None, leave it untouched)."""
     config = generator.config
     previous = config._attn_implementation
-    if previous == "sdpa":
-        config._attn_implementation = _attention_name(kernel)
+    if previous == "sdpa" and implementation is not None:
+        config._attn_implementation = implementation
     try:
         yield
     finally:
         config._attn_implementation = previous
+
+
+def _decode_attention(generator, kernel: str):
+    """Route the generator's SDPA attention through `grouped_decode_attention` with `kernel`."""
+    return _sdpa_routed_to(generator, _attention_name(kernel))
+
+
+def shared_prefix_length(prompt: torch.Tensor, attention_mask: torch.Tensor) -> int:
+    """How many leading real tokens every row of a left-padded prompt shares, leaving each row one of its own.
+
+    prompt: `(batch, prompt_len)` ids or `(batch, prompt_len, hidden)` embeddings (equal vectors count as equal
+    tokens); attention_mask `(batch, prompt_len)`. Waits for the GPU (the length decides the next launches).
+    """
+    batch, width = attention_mask.shape
+    lengths = attention_mask.long().sum(-1)  # (batch,)
+    longest = int(lengths.min()) - 1
+    if batch < 2 or longest < 1:
+        return 0
+    starts = width - lengths  # (batch,) padding slots before each row's first token
+    index = starts[:, None] + torch.arange(longest, device=prompt.device)  # (batch, longest)
+    if prompt.dim() == 3:
+        heads = prompt.gather(1, index[..., None].expand(-1, -1, prompt.shape[-1]))  # (batch, longest, hidden)
+        same = (heads == heads[:1]).all(-1).all(0)  # (longest,)
+    else:
+        heads = prompt.gather(1, index)  # (batch, longest)
+        same = (heads == heads[:1]).all(0)
+    return int(same.long().cumprod(0).sum())
+
+
+def prefix_first_layout(
+    prompt: torch.Tensor, attention_mask: torch.Tensor, prefix_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move each left-padded row's first `prefix_len` tokens to the front, ahead of its padding.
+
+    The shared prefix then sits at the same slots in every row (its keys and values can be computed once) and each
+    row's own tokens stay where they were. Returns the prompt and its mask (padding now between prefix and rest).
+    """
+    width = attention_mask.shape[1]
+    starts = width - attention_mask.long().sum(-1, keepdim=True)  # (batch, 1)
+    slots = torch.arange(width, device=attention_mask.device)[None, :]  # (1, prompt_len)
+    in_prefix, in_padding = slots < prefix_len, slots < prefix_len + starts
+    source = torch.where(in_prefix, starts + slots, torch.where(in_padding, slots - prefix_len, slots))
+    gather_index = source if prompt.dim() == 2 else source[..., None].expand(-1, -1, prompt.shape[-1])
+    return prompt.gather(1, gather_index), (in_prefix | ~in_padding).to(attention_mask.dtype)
 
 
 def _run_then_capture(
@@ -209,11 +282,14 @@ class StaticGreedyGenerator:
         use_cuda_graph: bool | None = None,
         decode_attention_kernel: str = DECODE_ATTENTION_KERNEL,
         prefill_graph_max_tokens: int = PREFILL_GRAPH_MAX_TOKENS,
+        shared_prefix_min_tokens: int | None = SHARED_PREFIX_MIN_TOKENS,
     ):
         _check_decode_attention_kernel(decode_attention_kernel, allow_auto=True)
         self.generator = generator
         self.use_cuda_graph = use_cuda_graph
         self.prefill_graph_max_tokens = prefill_graph_max_tokens
+        self.shared_prefix_min_tokens = shared_prefix_min_tokens  # None: never prefill a shared prefix apart
+        self.last_shared_prefix = 0  # prompt tokens the last call prefilled once for the whole batch
         self.decode_attention_kernel = decode_attention_kernel
         self._key_now = None  # the key of the state held
         self._state: _DecodeState | None = None
@@ -345,11 +421,68 @@ class StaticGreedyGenerator:
             use_cache=True,
             logits_to_keep=1,
         )
-        slots = {"cache_position": torch.arange(prompt.shape[1], device=prompt.device)}
-        for index, layer in enumerate(prefill.past_key_values.layers):
+        self._store_prefill(state, prefill, eos_token_id, pad_token_id)
+
+    def _store_prefill(self, state, prefill, eos_token_id, pad_token_id) -> None:
+        """Copy a prefill's keys and values `(batch, kv_heads, prompt_len, head_dim)` into the static cache, layer by
+        layer, and emit its first token."""
+        layers = prefill.past_key_values.layers
+        slots = {"cache_position": torch.arange(layers[0].keys.shape[-2], device=layers[0].keys.device)}
+        for index, layer in enumerate(layers):
             state.cache.update(layer.keys, layer.values, index, slots)
             layer.keys = layer.values = None  # release the prompt's copy as soon as it is in the static cache
         self._emit(state, prefill.logits[:, -1], eos_token_id, pad_token_id)  # logits: (batch, 1, vocab)
+
+    def _prefix_to_share(self, prompt: torch.Tensor, attention_mask: torch.Tensor, total_len: int) -> int:
+        """The shared prefix length `_prefill_sharing_prefix` should take, or 0 where sharing is off, would not pay
+        (SHARED_PREFIX_MIN_TOKENS) or would not be exact: the remainder's 4D mask knows no sliding window, so a
+        window shorter than prompt and answer, or an attention other than SDPA or eager, keeps the plain prefill."""
+        batch = attention_mask.shape[0]
+        config = self.generator.config
+        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        if (
+            self.shared_prefix_min_tokens is None
+            or batch < 2
+            or getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager")
+            or (window is not None and window < total_len)
+        ):
+            return 0
+        prefix_len = shared_prefix_length(prompt, attention_mask)
+        return prefix_len if (batch - 1) * prefix_len >= max(self.shared_prefix_min_tokens, 1) else 0
+
+    def _prefill_sharing_prefix(
+        self, state, prompt, attention_mask, positions, prefix_len: int, eos_token_id, pad_token_id
+    ) -> None:
+        """`_prefill` for rows whose first `prefix_len` slots hold the same tokens (`prefix_first_layout`).
+
+        The prefix runs once, as a batch of one; its keys and values, broadcast to the batch, are the cache that every
+        row's remainder attends to. Exact: under causal attention the prefix never sees what follows it.
+        """
+        batch, prompt_len = attention_mask.shape
+        name = "input_ids" if prompt.dim() == 2 else "inputs_embeds"
+        cache = self.generator(
+            **{name: prompt[:1, :prefix_len]}, position_ids=positions[:1, :prefix_len], use_cache=True, logits_to_keep=1
+        ).past_key_values
+        for layer in cache.layers:  # (1, kv_heads, prefix, head_dim) -> (batch, ...) views; the remainder's update copies
+            layer.keys = layer.keys.expand(batch, -1, -1, -1)
+            layer.values = layer.values.expand(batch, -1, -1, -1)
+        padded = not bool(attention_mask.all())
+        slots = torch.arange(prompt_len, device=attention_mask.device)
+        keys_seen = attention_mask.bool() if padded else attention_mask[:1].bool()  # without padding: one row for all
+        causal = slots[None, :] <= slots[prefix_len:, None]  # (rest, prompt_len): query i sits at slot prefix + i
+        allowed = keys_seen[:, None, None, :] & causal[None, None]  # (batch or 1, 1, rest, prompt_len)
+        dtype = self.generator.get_input_embeddings().weight.dtype
+        with _sdpa_routed_to(self.generator, None if padded else SUFFIX_ATTENTION):
+            prefill = self.generator(
+                **{name: prompt[:, prefix_len:]},
+                attention_mask=self._as_attention_mask(allowed, dtype),
+                position_ids=positions[:, prefix_len:],
+                cache_position=slots[prefix_len:],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        self._store_prefill(state, prefill, eos_token_id, pad_token_id)
 
     def _prefill_fits_graph(self, attention_mask: torch.Tensor) -> bool:
         """Small enough for launches to dominate, and no padding (so no mask: transformers' mask checks synchronise
@@ -406,6 +539,14 @@ class StaticGreedyGenerator:
         key = self._key(attention_mask, max_new_tokens, eos_token_id, pad_token_id, return_scores)
         state = self._state_for(key)
         _, prompt_len, _, device, dtype, _, _ = key
+        use_graph = self.use_cuda_graph if self.use_cuda_graph is not None else device.type == "cuda"
+        prompt = input_ids if input_ids is not None else inputs_embeds
+        graphed_prefill = use_graph and state.prefill_graph is not False and self._prefill_fits_graph(attention_mask)
+        prefix_len = 0 if graphed_prefill else self._prefix_to_share(prompt, attention_mask, prompt_len + max_new_tokens)
+        if prefix_len and not bool(attention_mask.all()):
+            prompt, attention_mask = prefix_first_layout(prompt, attention_mask, prefix_len)
+        self.last_shared_prefix = prefix_len
+
         state.cache.reset()
         state.key_mask.zero_()
         state.key_mask[:, :prompt_len] = attention_mask.bool()
@@ -414,10 +555,10 @@ class StaticGreedyGenerator:
         state.step.zero_()
 
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (batch, prompt_len)
-        use_graph = self.use_cuda_graph if self.use_cuda_graph is not None else device.type == "cuda"
-        prompt = input_ids if input_ids is not None else inputs_embeds
-        if use_graph and state.prefill_graph is not False and self._prefill_fits_graph(attention_mask):
+        if graphed_prefill:
             self._prefill_through_graph(state, prompt, eos_token_id, pad_token_id)
+        elif prefix_len:
+            self._prefill_sharing_prefix(state, prompt, attention_mask, positions, prefix_len, eos_token_id, pad_token_id)
         else:
             self._prefill(state, prompt, attention_mask, positions, eos_token_id, pad_token_id)
         state.positions.copy_(positions[:, -1:] + 1)

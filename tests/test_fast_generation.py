@@ -109,6 +109,71 @@ def test_text_prompts_equal_generate_and_eager_attention(make_model):
         assert torch.equal(fast[keep], expected[keep])
 
 
+def test_shared_prefix_length_and_prefix_first_layout():
+    from scaledown.fast_generation import prefix_first_layout, shared_prefix_length
+
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [5, 6, 7, 9, 1, 2], [0, 5, 6, 7, 3, 4]])  # left padded with 0
+    mask = (ids != 0).long()
+    mask[1] = 1
+    assert shared_prefix_length(ids, mask) == 3  # 5 6 7
+    assert shared_prefix_length(ids[:1], mask[:1]) == 0  # one row: nothing to share
+    assert shared_prefix_length(ids[[0, 0]], mask[[0, 0]]) == 3  # equal rows still keep a token of their own
+    embeds = torch.nn.functional.one_hot(ids, 10).float()  # (batch, len, hidden): equal vectors are equal tokens
+    assert shared_prefix_length(embeds, mask) == 3
+
+    laid, laid_mask = prefix_first_layout(ids, mask, 3)
+    assert laid[:, :3].tolist() == [[5, 6, 7]] * 3
+    assert laid_mask.tolist() == [[1, 1, 1, 0, 0, 1], [1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 1, 1]]
+    assert laid[laid_mask.bool()].tolist() == ids[mask.bool()].tolist()  # each row's tokens, in their order
+    laid_embeds, _ = prefix_first_layout(embeds, mask, 3)
+    assert torch.equal(laid_embeds, torch.nn.functional.one_hot(laid, 10).float())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_shared_prefix_prefill_decodes_as_the_plain_prefill(make_model, arch):
+    model = make_model(arch)
+    model.generator.float()  # float32: the split prefill must give the same logits, not only the same argmax
+    tokenizer = model.generator_tokenizer
+    prompts = [text_prompt(tokenizer, q, docs) for q, docs in zip(QUESTIONS, DOCUMENTS)]
+    padded = tokenize_text_prompts(tokenizer, prompts, model.device)
+    assert (padded["attention_mask"] == 0).any()
+    seeded = torch.Generator().manual_seed(0)
+    unpadded_ids = torch.randint(3, model.generator.config.vocab_size, (3, 20), generator=seeded)
+    unpadded_ids[:, :7] = unpadded_ids[0, :7]
+    unpadded = {"input_ids": unpadded_ids, "attention_mask": torch.ones_like(unpadded_ids)}
+    compressed = model.input_builder(QUESTIONS, DOCUMENTS)
+    with torch.no_grad():
+        vectors, _ = model.compress_tensors(compressed["compressor_input_ids"], compressed["compressor_attention_mask"])
+        embeds = model.embed_generator_inputs(compressed["input_ids"], vectors.float())
+    cases = [
+        dict(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]),
+        dict(**unpadded),
+        dict(inputs_embeds=embeds, attention_mask=compressed["attention_mask"]),
+    ]
+    for implementation in ("sdpa", "eager"):
+        model.generator.config._attn_implementation = implementation
+        plain = StaticGreedyGenerator(model.generator, shared_prefix_min_tokens=None)
+        shared = StaticGreedyGenerator(model.generator, shared_prefix_min_tokens=1)
+        for case in cases:
+            want_ids, want_scores = plain.generate(max_new_tokens=6, return_scores=True, **case)
+            got_ids, got_scores = shared.generate(max_new_tokens=6, return_scores=True, **case)
+            assert plain.last_shared_prefix == 0
+            assert shared.last_shared_prefix >= 7  # the chat template's opening, or the 7 tokens made equal
+            assert torch.equal(got_ids, want_ids)
+            torch.testing.assert_close(got_scores, want_scores, atol=1e-4, rtol=1e-4)
+
+
+def test_shared_prefix_only_where_it_pays():
+    engine = StaticGreedyGenerator(torch.nn.Linear(2, 2), shared_prefix_min_tokens=12)
+    engine.generator.config = type("Config", (), {"_attn_implementation": "sdpa"})()
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 8], [1, 2, 3, 4, 5, 6, 9]])
+    mask = torch.ones_like(ids)
+    assert engine._prefix_to_share(ids, mask, total_len=20) == 6  # spares 2 rows x 6 tokens
+    assert engine._prefix_to_share(ids[:2], mask[:2], total_len=20) == 0  # 1 x 6 < 12
+    engine.generator.config.sliding_window = 16  # the remainder's mask would ignore a window the answer passes
+    assert engine._prefix_to_share(ids, mask, total_len=20) == 0
+
+
 def test_bad_calls_raise():
     engine = StaticGreedyGenerator(torch.nn.Linear(2, 2))
     mask = torch.ones(1, 3, dtype=torch.long)

@@ -39,6 +39,7 @@ from ..fast_generation import (
     DECODE_ATTENTION_KERNEL,
     DECODE_ATTENTION_KERNELS,
     FLEX_BLOCK_PREFIX,
+    SHARED_PREFIX_MIN_TOKENS,
     StaticGreedyGenerator,
     compile_compressor,
     compile_elementwise_work,
@@ -300,11 +301,12 @@ class PreparedBatch:
     compressor_tokens: dict[str, float] | None = None  # convention -> mean tokens per document row
 
 
-def static_engine(generator, engine: str, decode_attention_kernel: str) -> StaticGreedyGenerator | None:
-    """The side's fast engine for `--engine static`; None for transformers' `generate`."""
+def static_engine(generator, engine: str, engine_options: dict | None = None) -> StaticGreedyGenerator | None:
+    """The side's fast engine for `--engine static` (engine_options: `StaticGreedyGenerator`'s keyword arguments);
+    None for transformers' `generate`."""
     if engine != "static":
         return None
-    return StaticGreedyGenerator(generator, decode_attention_kernel=decode_attention_kernel)
+    return StaticGreedyGenerator(generator, **(engine_options or {}))
 
 
 class UncompressedSide:
@@ -322,12 +324,12 @@ class UncompressedSide:
         protocol: Protocol,
         dtype_bytes: int,
         engine: str = "generate",
-        decode_attention_kernel: str = DECODE_ATTENTION_KERNEL,
+        engine_options: dict | None = None,
     ):
         self.generator, self.tokenizer, self.system_prompt = generator, tokenizer, system_prompt
         self.pad_token_id, self.protocol, self.dtype_bytes = pad_token_id, protocol, dtype_bytes
         self.shape = TransformerShape.from_config(generator.config)
-        self.fast = static_engine(generator, engine, decode_attention_kernel)
+        self.fast = static_engine(generator, engine, engine_options)
 
     def prepare(self, questions: list[str], documents: list[list[str]], device: torch.device) -> PreparedBatch:
         prompts = [text_prompt(self.tokenizer, q, docs, self.system_prompt) for q, docs in zip(questions, documents)]
@@ -357,10 +359,10 @@ class CompressedSide:
         dtype_bytes: int,
         engine: str = "generate",
         overlap_batches: int = 1,
-        decode_attention_kernel: str = DECODE_ATTENTION_KERNEL,
+        engine_options: dict | None = None,
     ):
         self.name, self.model, self.protocol, self.dtype_bytes = name, model, protocol, dtype_bytes
-        self.fast = static_engine(model.generator, engine, decode_attention_kernel)
+        self.fast = static_engine(model.generator, engine, engine_options)
         if overlap_batches > 1 and self.fast is None:
             raise ValueError("--overlap_batches needs --engine static (the overlap runs beside its decode graphs).")
         self.batches_per_run = overlap_batches  # a run answers the batch this many times, as a stream
@@ -514,6 +516,7 @@ def measure(
         "roofline_fraction": None,
         "decode_attention_kernel": side.fast.attention_kernel if side.fast is not None else None,
         "decode_attention_kernel_ms": side.fast.attention_kernel_ms if side.fast is not None else None,
+        "shared_prefix_tokens": side.fast.last_shared_prefix if side.fast is not None else None,
     }
     if hardware is not None:
         best = sum(p.best_seconds(hardware) for p in honest)
@@ -758,6 +761,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="static engine: the decode steps' attention kernel, both sides (auto: the faster of sdpa and flex, timed "
         "on each batch shape's cache)",
     )
+    parser.add_argument(
+        "--shared_prefix_min_tokens",
+        type=lambda text: None if text == "off" else int(text),
+        default=SHARED_PREFIX_MIN_TOKENS,
+        help="static engine: prefill the prompts' shared opening (chat template, system prompt) once per batch when "
+        "(batch - 1) x its length reaches this many tokens, both sides; 'off' never does",
+    )
     parser.add_argument("--peak_tflops", type=float, default=None, help="override the detected dense bf16 peak")
     parser.add_argument("--peak_bandwidth_tbs", type=float, default=None, help="override the detected memory bandwidth")
     parser.add_argument("--seed", type=int, default=0)
@@ -809,6 +819,7 @@ def _settings(
         "compile": args.compile,
         "overlap_batches": args.overlap_batches,
         "decode_attention_kernel": args.decode_attention_kernel,
+        "shared_prefix_min_tokens": args.shared_prefix_min_tokens,
         "hardware": asdict(hardware) if hardware is not None else None,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "notes": (
@@ -894,7 +905,11 @@ def run(args: argparse.Namespace) -> dict:
     stem += f"_encoder-{args.encoder_attn_implementation}" if args.encoder_attn_implementation else ""
     stem += f"_overlap{args.overlap_batches}" if args.overlap_batches > 1 else ""
     stem += f"_decode-{args.decode_attention_kernel}" if args.decode_attention_kernel != DECODE_ATTENTION_KERNEL else ""
+    stem += "_no-shared-prefix" if args.shared_prefix_min_tokens is None else ""
     json_path, png_path = (os.path.join(args.output_dir, f"{stem}.{ext}") for ext in ("json", "png"))
+    engine_options = dict(
+        decode_attention_kernel=args.decode_attention_kernel, shared_prefix_min_tokens=args.shared_prefix_min_tokens
+    )
     run_side = dict(
         requests=requests,
         batch_labels=labels,
@@ -915,8 +930,7 @@ def run(args: argparse.Namespace) -> dict:
         _free_memory(device)
     uncompressed = bench_side(
         UncompressedSide(
-            generator, tokenizer, system_prompt, pad_id, protocol, dtype_bytes, args.engine,
-            args.decode_attention_kernel,
+            generator, tokenizer, system_prompt, pad_id, protocol, dtype_bytes, args.engine, engine_options
         ),
         **run_side,
     )
@@ -937,7 +951,7 @@ def run(args: argparse.Namespace) -> dict:
         if args.compile:
             log(f"{name} compressor: compiled {compile_compressor(scaledown)}")
         side = CompressedSide(
-            name, scaledown, protocol, dtype_bytes, args.engine, args.overlap_batches, args.decode_attention_kernel
+            name, scaledown, protocol, dtype_bytes, args.engine, args.overlap_batches, engine_options
         )
         compressed = bench_side(side, **run_side)
         for label, record in compressed.items():
