@@ -1,0 +1,162 @@
+"""The attention of a shared prefix's remainder: each row's last `rest` prompt positions over all of its keys.
+
+    python benchmarks/suffix_attention.py --shape mistral-7b --cases 96x1474x35,512x254x32
+
+A case is batch x prompt length x shared prefix length. With the prefix prefilled once
+(`StaticGreedyGenerator._prefill_sharing_prefix`), the remainder's queries attend causally, aligned to the last key,
+which is not the square causal attention of a whole prompt. This times the candidates alone at the bench's shapes,
+each checked against a float32 reference on two rows (max |error|; a large one means the wrong alignment), beside the
+whole prompt's square causal attention (`square`, what the prefill without sharing runs):
+- `engine`: `causal_suffix_attention`, queries padded in front to the square kernel;
+- `bias`: grouped heads repeated, SDPA with a lower-right causal bias (the engine's first version);
+- `flex`: flex attention with a lower-right causal block mask, grouped heads read in place (compiled per shape);
+- `cudnn`: SDPA's is_causal on cuDNN with grouped heads (top-left alignment: wrong, timing only);
+- `cudnn-mask`: cuDNN under a boolean lower-right mask;
+- `cascade`: the remainder over its own keys (square causal) and over the prefix's, merged by log-sum-exps.
+Flash and memory-efficient SDPA take no grouped heads with is_causal here ("No available kernel").
+"""
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from scaledown.evaluation import bench
+from scaledown.fast_generation import causal_suffix_attention
+
+
+def lower_right_flex(rest: int, length: int, device):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    offset = length - rest
+
+    def causal_to_last_key(batch, head, query_index, key_index):
+        return key_index <= query_index + offset
+
+    block_mask = create_block_mask(causal_to_last_key, None, None, rest, length, device=device)
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def attend(query, key, value, scaling):
+        return compiled(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=True).transpose(1, 2)
+
+    return attend
+
+
+def reference(query, key, value, scaling):
+    """float32 attention of the last queries, causal aligned to the last key, `(batch, rest, heads, head_dim)`."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = (t.float().repeat_interleave(groups, dim=1) for t in (key, value))
+    scores = query.float() @ key.transpose(-1, -2) * scaling  # (batch, heads, rest, length)
+    rest, length = scores.shape[-2:]
+    allowed = torch.arange(length, device=query.device)[None, :] <= torch.arange(rest, device=query.device)[:, None] + (
+        length - rest
+    )
+    return (scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ value).transpose(1, 2)
+
+
+def lower_right_bias(query, key, value, scaling):
+    from torch.nn.attention.bias import causal_lower_right
+
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    causal = causal_lower_right(query.shape[2], key.shape[2])
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=causal, scale=scaling).transpose(1, 2)
+
+
+def causal_on_cudnn(query, key, value, scaling):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        output = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+    return output.transpose(1, 2)
+
+
+def masked_on_cudnn(query, key, value, scaling):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    rest, length = query.shape[2], key.shape[2]
+    slots = torch.arange(length, device=query.device)
+    allowed = (slots[None, :] <= slots[length - rest :, None])[None, None]  # (1, 1, rest, length)
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        output = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling, enable_gqa=True)
+    return output.transpose(1, 2)
+
+
+def cascade(query, key, value, scaling):
+    """Two square-friendly cuDNN calls merged by their log-sum-exps: the remainder over its own keys (square
+    causal) and over the prefix's (no mask)."""
+    rest, prefix = query.shape[2], key.shape[2] - query.shape[2]
+    groups = query.shape[1] // key.shape[1]
+    parts = []
+    for keys, values, causal in ((key[:, :, prefix:], value[:, :, prefix:], True), (key[:, :, :prefix], value[:, :, :prefix], False)):
+        keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
+        output, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            query, keys, values, None, True, 0.0, causal, False, scale=scaling
+        )[:2]
+        parts.append((output.float(), lse.float().reshape(*output.shape[:3], 1)))  # (batch, heads, rest, 1)
+    (own, own_lse), (shared, shared_lse) = parts
+    top = torch.maximum(own_lse, shared_lse)
+    own_weight, shared_weight = (own_lse - top).exp(), (shared_lse - top).exp()
+    merged = (own * own_weight + shared * shared_weight) / (own_weight + shared_weight)
+    return merged.to(query.dtype).transpose(1, 2)
+
+
+def milliseconds(function, repeats: int = 10) -> float:
+    for _ in range(3):
+        function()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        function()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="mistral-7b", choices=sorted(bench.GENERATOR_SHAPES))
+    parser.add_argument("--cases", default="96x1474x35,512x254x32")
+    args = parser.parse_args()
+    shape = bench.preset_shape(bench.GENERATOR_SHAPES[args.shape])
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    scaling = shape.head_dim**-0.5
+    print(f"{torch.cuda.get_device_name()}, {args.shape}: {shape.num_heads} heads, {shape.num_kv_heads} kv heads")
+    print(f"{'case':>14}  {'kernel':>7}  {'ms a layer':>10}  {'max |error|':>11}")
+    for case in args.cases.split(","):
+        batch, length, prefix = (int(n) for n in case.split("x"))
+        rest = length - prefix
+        seeded = torch.Generator(device="cpu").manual_seed(0)
+
+        def normal(*size):
+            return torch.randn(*size, generator=seeded).to(device=device, dtype=dtype)
+
+        query = normal(batch, shape.num_heads, rest, shape.head_dim)
+        key, value = (normal(batch, shape.num_kv_heads, length, shape.head_dim) for _ in range(2))
+        want = reference(query[:2], key[:2], value[:2], scaling)
+        flex = lower_right_flex(rest, length, device)
+        candidates = {
+            "engine": lambda q, k, v: causal_suffix_attention(None, q, k, v, None, scaling=scaling)[0],
+            "bias": lambda q, k, v: lower_right_bias(q, k, v, scaling),
+            "flex": lambda q, k, v: flex(q, k, v, scaling),
+            "cudnn": lambda q, k, v: causal_on_cudnn(q, k, v, scaling),
+            "cudnn-mask": lambda q, k, v: masked_on_cudnn(q, k, v, scaling),
+            "cascade": lambda q, k, v: cascade(q, k, v, scaling),
+        }
+        for name, attend in candidates.items():
+            try:
+                error = (attend(query[:2], key[:2], value[:2]).float() - want).abs().max().item()
+                ms = milliseconds(lambda: attend(query, key, value))
+            except RuntimeError as failure:
+                print(f"{case:>14}  {name:>7}  fails: {str(failure).splitlines()[0][:100]}")
+                continue
+            print(f"{case:>14}  {name:>7}  {ms:10.3f}  {error:11.4f}")
+        whole = normal(batch, shape.num_heads, length, shape.head_dim)
+        ms = milliseconds(lambda: F.scaled_dot_product_attention(whole, key, value, is_causal=True, enable_gqa=True))
+        print(f"{case:>14}  {'square':>7}  {ms:10.3f}  {'-':>11}")
+        del query, key, value, whole
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
