@@ -88,7 +88,8 @@ def cascade(query, key, value, scaling):
     rest, prefix = query.shape[2], key.shape[2] - query.shape[2]
     groups = query.shape[1] // key.shape[1]
     parts = []
-    for keys, values, causal in ((key[:, :, prefix:], value[:, :, prefix:], True), (key[:, :, :prefix], value[:, :, :prefix], False)):
+    own = (key[:, :, prefix:], value[:, :, prefix:], True)
+    for keys, values, causal in (own, (key[:, :, :prefix], value[:, :, :prefix], False)):
         keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
         output, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
             query, keys, values, None, True, 0.0, causal, False, scale=scaling

@@ -44,6 +44,11 @@ PREFILL_GRAPH_MAX_TOKENS = 2048
 # The shared prefix is prefilled apart when the prompt tokens this spares, (batch - 1) x prefix length, reach this
 # many: below it the extra forward pass's launches cost about what its arithmetic saves (benchmarks/NOTES.md).
 SHARED_PREFIX_MIN_TOKENS = 2048
+# ... and when the prefix is at least this part of the prompt: the remainder's attention pads its queries back to the
+# prompt's length, which costs in proportion to the whole prompt. On an H100 (benchmarks/NOTES.md) a 35-token prefix of
+# 1,474 (2.4%) made the uncompressed side 0.65% slower at batch 96, a 32-token prefix of 254 (12.6%) made ModernBERT's
+# compressed side 4.6% faster at 512.
+SHARED_PREFIX_MIN_FRACTION = 0.05
 # The attention function of a shared prefix's remainder: causal, aligned to the last key (registered below).
 SUFFIX_ATTENTION = "scaledown_causal_suffix"
 
@@ -285,12 +290,14 @@ class StaticGreedyGenerator:
         decode_attention_kernel: str = DECODE_ATTENTION_KERNEL,
         prefill_graph_max_tokens: int = PREFILL_GRAPH_MAX_TOKENS,
         shared_prefix_min_tokens: int | None = SHARED_PREFIX_MIN_TOKENS,
+        shared_prefix_min_fraction: float = SHARED_PREFIX_MIN_FRACTION,
     ):
         _check_decode_attention_kernel(decode_attention_kernel, allow_auto=True)
         self.generator = generator
         self.use_cuda_graph = use_cuda_graph
         self.prefill_graph_max_tokens = prefill_graph_max_tokens
         self.shared_prefix_min_tokens = shared_prefix_min_tokens  # None: never prefill a shared prefix apart
+        self.shared_prefix_min_fraction = shared_prefix_min_fraction
         self.last_shared_prefix = 0  # prompt tokens the last call prefilled once for the whole batch
         self.decode_attention_kernel = decode_attention_kernel
         self._key_now = None  # the key of the state held
@@ -437,9 +444,10 @@ class StaticGreedyGenerator:
 
     def _prefix_to_share(self, prompt: torch.Tensor, attention_mask: torch.Tensor, total_len: int) -> int:
         """The shared prefix length `_prefill_sharing_prefix` should take, or 0 where sharing is off, would not pay
-        (SHARED_PREFIX_MIN_TOKENS) or would not be exact: the remainder's 4D mask knows no sliding window, so a
-        window shorter than prompt and answer, or an attention other than SDPA or eager, keeps the plain prefill."""
-        batch = attention_mask.shape[0]
+        (SHARED_PREFIX_MIN_TOKENS, SHARED_PREFIX_MIN_FRACTION) or would not be exact: the remainder's 4D mask knows
+        no sliding window, so a window shorter than prompt and answer, or an attention other than SDPA or eager,
+        keeps the plain prefill."""
+        batch, prompt_len = attention_mask.shape
         config = self.generator.config
         window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
         if (
@@ -450,7 +458,8 @@ class StaticGreedyGenerator:
         ):
             return 0
         prefix_len = shared_prefix_length(prompt, attention_mask)
-        return prefix_len if (batch - 1) * prefix_len >= max(self.shared_prefix_min_tokens, 1) else 0
+        pays = (batch - 1) * prefix_len >= max(self.shared_prefix_min_tokens, 1)
+        return prefix_len if pays and prefix_len >= self.shared_prefix_min_fraction * prompt_len else 0
 
     def _prefill_sharing_prefix(
         self, state, prompt, attention_mask, positions, prefix_len: int, eos_token_id, pad_token_id
@@ -465,7 +474,7 @@ class StaticGreedyGenerator:
         cache = self.generator(
             **{name: prompt[:1, :prefix_len]}, position_ids=positions[:1, :prefix_len], use_cache=True, logits_to_keep=1
         ).past_key_values
-        for layer in cache.layers:  # (1, kv_heads, prefix, head_dim) -> (batch, ...) views; the remainder's update copies
+        for layer in cache.layers:  # (1, kv_heads, prefix, head_dim) -> (batch, ...) views, copied by the next update
             layer.keys = layer.keys.expand(batch, -1, -1, -1)
             layer.values = layer.values.expand(batch, -1, -1, -1)
         padded = not bool(attention_mask.all())
@@ -544,7 +553,8 @@ class StaticGreedyGenerator:
         use_graph = self.use_cuda_graph if self.use_cuda_graph is not None else device.type == "cuda"
         prompt = input_ids if input_ids is not None else inputs_embeds
         graphed_prefill = use_graph and state.prefill_graph is not False and self._prefill_fits_graph(attention_mask)
-        prefix_len = 0 if graphed_prefill else self._prefix_to_share(prompt, attention_mask, prompt_len + max_new_tokens)
+        total_len = prompt_len + max_new_tokens
+        prefix_len = 0 if graphed_prefill else self._prefix_to_share(prompt, attention_mask, total_len)
         if prefix_len and not bool(attention_mask.all()):
             prompt, attention_mask = prefix_first_layout(prompt, attention_mask, prefix_len)
         self.last_shared_prefix = prefix_len
@@ -560,7 +570,9 @@ class StaticGreedyGenerator:
         if graphed_prefill:
             self._prefill_through_graph(state, prompt, eos_token_id, pad_token_id)
         elif prefix_len:
-            self._prefill_sharing_prefix(state, prompt, attention_mask, positions, prefix_len, eos_token_id, pad_token_id)
+            self._prefill_sharing_prefix(
+                state, prompt, attention_mask, positions, prefix_len, eos_token_id, pad_token_id
+            )
         else:
             self._prefill(state, prompt, attention_mask, positions, eos_token_id, pad_token_id)
         state.positions.copy_(positions[:, -1:] + 1)
