@@ -108,15 +108,23 @@ def main() -> None:
         for name, model in models.items():
             print(f"{name} compressor: compiled {compile_compressor(model)}")
 
-    kernel = args.decode_attention_kernel
+    # --shared_prefix_min_tokens 1 sends small batches through the shared-prefix prefill too
+    options = dict(
+        decode_attention_kernel=args.decode_attention_kernel, shared_prefix_min_tokens=args.shared_prefix_min_tokens
+    )
+    engines = {"uncompressed": StaticGreedyGenerator(generator, **options)}
     fast = {
-        "uncompressed": StaticGreedyGenerator(generator, decode_attention_kernel=kernel).generate(
+        "uncompressed": engines["uncompressed"].generate(
             **text_inputs, max_new_tokens=steps, pad_token_id=pad, return_scores=True
         )
     }
     for name, model in models.items():
-        side_engine = StaticGreedyGenerator(model.generator, decode_attention_kernel=kernel)
-        fast[name] = generate_compressed(model, batches[name], side_engine, steps, stop_at_eos=False, return_scores=True)
+        engines[name] = StaticGreedyGenerator(model.generator, **options)
+        fast[name] = generate_compressed(
+            model, batches[name], engines[name], steps, stop_at_eos=False, return_scores=True
+        )
+    for name, engine in engines.items():
+        print(f"{name}: shared prefix of {engine.last_shared_prefix} tokens prefilled once")
     engine = "fast path" + (" (compiled)" if args.compile else "")
     for name in run_plain:
         print(f"== {name}")
