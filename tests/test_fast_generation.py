@@ -129,7 +129,7 @@ def test_shared_prefix_length_and_prefix_first_layout():
     assert torch.equal(laid_embeds, torch.nn.functional.one_hot(laid, 10).float())
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 def test_shared_prefix_prefill_decodes_as_the_plain_prefill(make_model, arch):
     model = make_model(arch)
     model.generator.float()  # float32: the split prefill must give the same logits, not only the same argmax
