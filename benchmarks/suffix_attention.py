@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from scaledown.evaluation import bench
 from scaledown.fast_generation import causal_suffix_attention
 
+from phase_times import median_ms  # a sibling script: its directory is on the path when this one runs
+
 
 def lower_right_flex(rest: int, length: int, device):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -42,15 +44,18 @@ def lower_right_flex(rest: int, length: int, device):
     return attend
 
 
+def lower_right_allowed(rest: int, length: int, device) -> torch.Tensor:
+    """`(rest, length)` boolean: query i, at slot length - rest + i, may attend to the keys up to its own slot."""
+    slots = torch.arange(length, device=device)
+    return slots[None, :] <= slots[length - rest :, None]
+
+
 def reference(query, key, value, scaling):
     """float32 attention of the last queries, causal aligned to the last key, `(batch, rest, heads, head_dim)`."""
     groups = query.shape[1] // key.shape[1]
     key, value = (t.float().repeat_interleave(groups, dim=1) for t in (key, value))
     scores = query.float() @ key.transpose(-1, -2) * scaling  # (batch, heads, rest, length)
-    rest, length = scores.shape[-2:]
-    allowed = torch.arange(length, device=query.device)[None, :] <= torch.arange(rest, device=query.device)[:, None] + (
-        length - rest
-    )
+    allowed = lower_right_allowed(*scores.shape[-2:], query.device)
     return (scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ value).transpose(1, 2)
 
 
@@ -74,9 +79,7 @@ def causal_on_cudnn(query, key, value, scaling):
 def masked_on_cudnn(query, key, value, scaling):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    rest, length = query.shape[2], key.shape[2]
-    slots = torch.arange(length, device=query.device)
-    allowed = (slots[None, :] <= slots[length - rest :, None])[None, None]  # (1, 1, rest, length)
+    allowed = lower_right_allowed(query.shape[2], key.shape[2], query.device)[None, None]  # (1, 1, rest, length)
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         output = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling, enable_gqa=True)
     return output.transpose(1, 2)
@@ -100,18 +103,6 @@ def cascade(query, key, value, scaling):
     own_weight, shared_weight = (own_lse - top).exp(), (shared_lse - top).exp()
     merged = (own * own_weight + shared * shared_weight) / (own_weight + shared_weight)
     return merged.to(query.dtype).transpose(1, 2)
-
-
-def milliseconds(function, repeats: int = 10) -> float:
-    for _ in range(3):
-        function()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        function()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / repeats
 
 
 def main() -> None:
@@ -147,13 +138,15 @@ def main() -> None:
         for name, attend in candidates.items():
             try:
                 error = (attend(query[:2], key[:2], value[:2]).float() - want).abs().max().item()
-                ms = milliseconds(lambda: attend(query, key, value))
+                ms = median_ms(lambda: attend(query, key, value), device, repeats=10)
             except RuntimeError as failure:
                 print(f"{case:>14}  {name:>7}  fails: {str(failure).splitlines()[0][:100]}")
                 continue
             print(f"{case:>14}  {name:>7}  {ms:10.3f}  {error:11.4f}")
         whole = normal(batch, shape.num_heads, length, shape.head_dim)
-        ms = milliseconds(lambda: F.scaled_dot_product_attention(whole, key, value, is_causal=True, enable_gqa=True))
+        ms = median_ms(
+            lambda: F.scaled_dot_product_attention(whole, key, value, is_causal=True, enable_gqa=True), device, 10
+        )
         print(f"{case:>14}  {'square':>7}  {ms:10.3f}  {'-':>11}")
         del query, key, value, whole
         torch.cuda.empty_cache()

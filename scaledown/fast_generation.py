@@ -463,9 +463,10 @@ class StaticGreedyGenerator:
         return prefix_len if pays and prefix_len >= self.shared_prefix_min_fraction * prompt_len else 0
 
     def _prefill_sharing_prefix(
-        self, state, prompt, attention_mask, positions, prefix_len: int, eos_token_id, pad_token_id
+        self, state, prompt, attention_mask, positions, prefix_len: int, padded: bool, eos_token_id, pad_token_id
     ) -> None:
-        """`_prefill` for rows whose first `prefix_len` slots hold the same tokens (`prefix_first_layout`).
+        """`_prefill` for rows whose first `prefix_len` slots hold the same tokens (`prefix_first_layout` where the
+        prompt is `padded`).
 
         The prefix runs once, as a batch of one; its keys and values, broadcast to the batch, are the cache that every
         row's remainder attends to. Exact: under causal attention the prefix never sees what follows it.
@@ -478,7 +479,6 @@ class StaticGreedyGenerator:
         for layer in cache.layers:  # (1, kv_heads, prefix, head_dim) -> (batch, ...) views, copied by the next update
             layer.keys = layer.keys.expand(batch, -1, -1, -1)
             layer.values = layer.values.expand(batch, -1, -1, -1)
-        padded = not bool(attention_mask.all())
         slots = torch.arange(prompt_len, device=attention_mask.device)
         keys_seen = attention_mask.bool() if padded else attention_mask[:1].bool()  # without padding: one row for all
         causal = slots[None, :] <= slots[prefix_len:, None]  # (rest, prompt_len): query i sits at slot prefix + i
@@ -556,7 +556,8 @@ class StaticGreedyGenerator:
         graphed_prefill = use_graph and state.prefill_graph is not False and self._prefill_fits_graph(attention_mask)
         total_len = prompt_len + max_new_tokens
         prefix_len = 0 if graphed_prefill else self._prefix_to_share(prompt, attention_mask, total_len)
-        if prefix_len and not bool(attention_mask.all()):
+        padded = bool(prefix_len) and not bool(attention_mask.all())  # the layout keeps the padding, moved
+        if padded:
             prompt, attention_mask = prefix_first_layout(prompt, attention_mask, prefix_len)
         self.last_shared_prefix = prefix_len
 
@@ -572,7 +573,7 @@ class StaticGreedyGenerator:
             self._prefill_through_graph(state, prompt, eos_token_id, pad_token_id)
         elif prefix_len:
             self._prefill_sharing_prefix(
-                state, prompt, attention_mask, positions, prefix_len, eos_token_id, pad_token_id
+                state, prompt, attention_mask, positions, prefix_len, padded, eos_token_id, pad_token_id
             )
         else:
             self._prefill(state, prompt, attention_mask, positions, eos_token_id, pad_token_id)

@@ -172,6 +172,8 @@ def test_shared_prefix_only_where_it_pays():
     assert engine._prefix_to_share(ids[:2], mask[:2], total_len=20) == 0  # 1 x 6 < 12
     engine.shared_prefix_min_fraction = 0.9
     assert engine._prefix_to_share(ids, mask, total_len=20) == 0  # 6 of 7 prompt tokens < 0.9
+    engine.shared_prefix_min_fraction = 0.05  # back to a prefix that pays, so that only the window below refuses it
+    assert engine._prefix_to_share(ids, mask, total_len=20) == 6
     engine.generator.config.sliding_window = 16  # the remainder's mask would ignore a window the answer passes
     assert engine._prefix_to_share(ids, mask, total_len=20) == 0
 

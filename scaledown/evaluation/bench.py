@@ -39,6 +39,7 @@ from ..fast_generation import (
     DECODE_ATTENTION_KERNEL,
     DECODE_ATTENTION_KERNELS,
     FLEX_BLOCK_PREFIX,
+    SHARED_PREFIX_MIN_FRACTION,
     SHARED_PREFIX_MIN_TOKENS,
     StaticGreedyGenerator,
     compile_compressor,
@@ -766,7 +767,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=lambda text: None if text == "off" else int(text),
         default=SHARED_PREFIX_MIN_TOKENS,
         help="static engine: prefill the prompts' shared opening (chat template, system prompt) once per batch when "
-        "(batch - 1) x its length reaches this many tokens, both sides; 'off' never does",
+        f"(batch - 1) x its length reaches this many tokens and it is at least {SHARED_PREFIX_MIN_FRACTION:.0%}% of "
+        "the prompt, both sides; 'off' never does",
     )
     parser.add_argument("--peak_tflops", type=float, default=None, help="override the detected dense bf16 peak")
     parser.add_argument("--peak_bandwidth_tbs", type=float, default=None, help="override the detected memory bandwidth")
