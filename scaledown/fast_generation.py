@@ -3,8 +3,8 @@
 `transformers`' `generate` spends most of a small batch's time in Python: at batch 1 on an H100 a 7B decode step
 costs about 4 ms of weight reads and several times that in kernel launches and bookkeeping. This engine removes
 that overhead for both sides of the comparison alike (the base generator reading text and ScaleDown reading
-compressed vectors): the prompt is prefilled once through transformers' own path, its keys and values written
-straight into a `StaticCache`'s slots; every later step (forward pass, argmax, end-of-sequence bookkeeping, cache and mask updates) is
+compressed vectors): the prompt is prefilled once through transformers' own path and its keys and values copied
+into a `StaticCache`; every later step (forward pass, argmax, end-of-sequence bookkeeping, cache and mask updates) is
 one CUDA-graph replay on fixed buffers. A small prompt without padding (batch 1, say) is prefilled by a graph replay
 too, since its launches, not its arithmetic, set its time. Off CUDA the same steps run eagerly, which is what the
 tests compare against `generate`.
@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 import transformers
 from transformers import AttentionInterface, StaticCache
-from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 # How a decode step's grouped attention is computed: "sdpa" lets PyTorch pick (cuDNN on an H100), the next three force
@@ -257,26 +256,6 @@ def cuda_graph_milliseconds(function, calls: int = 8, replays: int = 5) -> float
     return start.elapsed_time(end) / (calls * replays)
 
 
-class _StaticSlotsLayer(DynamicLayer):
-    """A prefill's cache layer that writes into a static cache layer's slots.
-
-    Attention gets views of the slots filled so far, `(batch, kv_heads, filled, head_dim)`: the length a dynamic cache
-    gives, so a prompt without padding keeps the causal flash kernel (a static cache hands over every slot, and its
-    mask then leaves that kernel), without the dynamic cache's concatenation and the copy into the static cache after.
-    """
-
-    def __init__(self, static_layer: StaticLayer):
-        super().__init__()
-        self.static_layer = static_layer
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        filled = self.get_seq_length() + key_states.shape[-2]
-        keys, values = self.static_layer.update(key_states, value_states, *args, **kwargs)  # every slot
-        self.keys, self.values = keys[:, :, :filled], values[:, :, :filled]
-        self.is_initialized = True
-        return self.keys, self.values
-
-
 @dataclass
 class _DecodeState:
     """Everything one decode step reads and writes, at fixed addresses (a CUDA graph replays on these)."""
@@ -449,30 +428,19 @@ class StaticGreedyGenerator:
             **prompt_input,
             attention_mask=attention_mask,
             position_ids=positions,
-            past_key_values=self._prefill_cache(state),
             use_cache=True,
             logits_to_keep=1,
         )
         self._store_prefill(state, prefill, eos_token_id, pad_token_id)
 
-    @staticmethod
-    def _prefill_cache(state: _DecodeState) -> Cache | None:
-        """The cache a prefill writes: the static cache's own slots (`_StaticSlotsLayer`), or None where its layers are
-        not all plain `StaticLayer`s (a sliding window's rolling slots): the prefill then makes transformers' dynamic
-        cache, which `_store_prefill` copies over."""
-        if not all(type(layer) is StaticLayer for layer in state.cache.layers):
-            return None
-        return Cache(layers=[_StaticSlotsLayer(layer) for layer in state.cache.layers])
-
     def _store_prefill(self, state, prefill, eos_token_id, pad_token_id) -> None:
-        """Emit a prefill's first token; keys and values `(batch, kv_heads, prompt_len, head_dim)` from a dynamic cache
-        are first copied into the static cache, layer by layer."""
+        """Copy a prefill's keys and values `(batch, kv_heads, prompt_len, head_dim)` into the static cache, layer by
+        layer, and emit its first token."""
         layers = prefill.past_key_values.layers
-        if not isinstance(layers[0], _StaticSlotsLayer):
-            slots = {"cache_position": torch.arange(layers[0].keys.shape[-2], device=layers[0].keys.device)}
-            for index, layer in enumerate(layers):
-                state.cache.update(layer.keys, layer.values, index, slots)
-                layer.keys = layer.values = None  # release the prompt's copy as soon as it is in the static cache
+        slots = {"cache_position": torch.arange(layers[0].keys.shape[-2], device=layers[0].keys.device)}
+        for index, layer in enumerate(layers):
+            state.cache.update(layer.keys, layer.values, index, slots)
+            layer.keys = layer.values = None  # release the prompt's copy as soon as it is in the static cache
         self._emit(state, prefill.logits[:, -1], eos_token_id, pad_token_id)  # logits: (batch, 1, vocab)
 
     def _prefix_to_share(self, prompt: torch.Tensor, attention_mask: torch.Tensor, total_len: int) -> int:
@@ -505,18 +473,13 @@ class StaticGreedyGenerator:
         """
         batch, prompt_len = attention_mask.shape
         name = "input_ids" if prompt.dim() == 2 else "inputs_embeds"
-        prefix = self.generator(
+        cache = self.generator(
             **{name: prompt[:1, :prefix_len]}, position_ids=positions[:1, :prefix_len], use_cache=True, logits_to_keep=1
         ).past_key_values
+        for layer in cache.layers:  # (1, kv_heads, prefix, head_dim) -> (batch, ...) views, copied by the next update
+            layer.keys = layer.keys.expand(batch, -1, -1, -1)
+            layer.values = layer.values.expand(batch, -1, -1, -1)
         slots = torch.arange(prompt_len, device=attention_mask.device)
-        cache = self._prefill_cache(state)
-        for index, layer in enumerate(prefix.layers):  # (1, kv_heads, prefix, head_dim) -> (batch, ...)
-            keys, values = layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1)
-            if cache is None:  # views, copied by the dynamic cache's next update
-                layer.keys, layer.values = keys, values
-            else:
-                cache.update(keys, values, index, {"cache_position": slots[:prefix_len]})
-        cache = prefix if cache is None else cache
         keys_seen = attention_mask.bool() if padded else attention_mask[:1].bool()  # without padding: one row for all
         causal = slots[None, :] <= slots[prefix_len:, None]  # (rest, prompt_len): query i sits at slot prefix + i
         allowed = keys_seen[:, None, None, :] & causal[None, None]  # (batch or 1, 1, rest, prompt_len)

@@ -24,26 +24,6 @@ def test_compressed_answers_equal_generate(make_model, arch):
     assert engine.attention_kernel == "sdpa"  # "auto" times its candidates on CUDA only
 
 
-@pytest.mark.parametrize("arch, in_place", [("llama", True), ("qwen2", True), ("mistral", False)])
-def test_prefill_writes_the_static_cache_in_place(make_model, arch, in_place, monkeypatch):
-    """Plain static layers take the prompt's keys and values in their own slots; Mistral's sliding-window layers
-    (rolling slots) get them through transformers' dynamic cache and a copy. Both answer as `generate`."""
-    model = make_model(arch)
-    batch = model.input_builder(QUESTIONS, DOCUMENTS)
-    expected = model.generate(**batch, max_new_tokens=6)
-    prefill_layers = []
-    store = StaticGreedyGenerator._store_prefill
-
-    def spy(self, state, prefill, *args):
-        prefill_layers.append(type(prefill.past_key_values.layers[0]).__name__)
-        return store(self, state, prefill, *args)
-
-    monkeypatch.setattr(StaticGreedyGenerator, "_store_prefill", spy)
-    fast = generate_compressed(model, batch, StaticGreedyGenerator(model.generator), max_new_tokens=6)
-    assert torch.equal(fast[:, : expected.shape[1]], expected)
-    assert (prefill_layers == ["_StaticSlotsLayer"]) == in_place, prefill_layers
-
-
 @pytest.mark.parametrize("kernel", ["flex", "matmul"])
 def test_decode_attention_kernels_answer_as_generate(make_model, kernel):
     model = make_model("mistral")
