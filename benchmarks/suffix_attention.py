@@ -12,8 +12,10 @@ whole prompt's square causal attention (`square`, what the prefill without shari
 - `flex`: flex attention with a lower-right causal block mask, grouped heads read in place (compiled per shape);
 - `cudnn`: SDPA's is_causal on cuDNN with grouped heads (top-left alignment: wrong, timing only);
 - `cudnn-mask`: cuDNN under a boolean lower-right mask;
-- `cascade`: the remainder over its own keys (square causal) and over the prefix's, merged by log-sum-exps.
-Flash and memory-efficient SDPA take no grouped heads with is_causal here ("No available kernel").
+- `cascade`: the remainder over its own keys (square causal) and over the prefix's, merged by log-sum-exps;
+- `flash`: FlashAttention-2's own causal mask through ATen's flash operator, grouped heads read in place.
+SDPA's public call refuses flash and memory-efficient attention for grouped heads with is_causal here ("No available
+kernel"); FlashAttention-2 itself aligns a causal mask with fewer queries than keys to the last key.
 """
 
 import argparse
@@ -105,10 +107,19 @@ def cascade(query, key, value, scaling):
     return merged.to(query.dtype).transpose(1, 2)
 
 
+def flash_lower_right(query, key, value, scaling):
+    output = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, True, False, scale=scaling)[0]
+    return output.transpose(1, 2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="mistral-7b", choices=sorted(bench.GENERATOR_SHAPES))
     parser.add_argument("--cases", default="96x1474x35,512x254x32")
+    parser.add_argument(
+        "--answer_slots", type=int, default=0, help="keys and values as views of a cache this many slots longer"
+    )
+    parser.add_argument("--kernels", default=None, help="comma-separated subset of the candidates (default: all)")
     args = parser.parse_args()
     shape = bench.preset_shape(bench.GENERATOR_SHAPES[args.shape])
     device, dtype = torch.device("cuda"), torch.bfloat16
@@ -124,7 +135,8 @@ def main() -> None:
             return torch.randn(*size, generator=seeded).to(device=device, dtype=dtype)
 
         query = normal(batch, shape.num_heads, rest, shape.head_dim)
-        key, value = (normal(batch, shape.num_kv_heads, length, shape.head_dim) for _ in range(2))
+        slots = length + args.answer_slots
+        key, value = (normal(batch, shape.num_kv_heads, slots, shape.head_dim)[:, :, :length] for _ in range(2))
         want = reference(query[:2], key[:2], value[:2], scaling)
         flex = lower_right_flex(rest, length, device)
         candidates = {
@@ -134,8 +146,11 @@ def main() -> None:
             "cudnn": lambda q, k, v: causal_on_cudnn(q, k, v, scaling),
             "cudnn-mask": lambda q, k, v: masked_on_cudnn(q, k, v, scaling),
             "cascade": lambda q, k, v: cascade(q, k, v, scaling),
+            "flash": lambda q, k, v: flash_lower_right(q, k, v, scaling),
         }
         for name, attend in candidates.items():
+            if args.kernels and name not in args.kernels.split(","):
+                continue
             try:
                 error = (attend(query[:2], key[:2], value[:2]).float() - want).abs().max().item()
                 ms = median_ms(lambda: attend(query, key, value), device, repeats=10)
