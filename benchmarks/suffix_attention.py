@@ -148,9 +148,12 @@ def main() -> None:
             "cascade": lambda q, k, v: cascade(q, k, v, scaling),
             "flash": lambda q, k, v: flash_lower_right(q, k, v, scaling),
         }
-        for name, attend in candidates.items():
-            if args.kernels and name not in args.kernels.split(","):
-                continue
+        chosen = args.kernels.split(",") if args.kernels else list(candidates)
+        unknown = set(chosen) - set(candidates)
+        if unknown:
+            raise SystemExit(f"--kernels: unknown {sorted(unknown)}; choose from {list(candidates)}.")
+        for name in chosen:
+            attend = candidates[name]
             try:
                 error = (attend(query[:2], key[:2], value[:2]).float() - want).abs().max().item()
                 ms = median_ms(lambda: attend(query, key, value), device, repeats=10)

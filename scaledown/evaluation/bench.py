@@ -767,8 +767,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=lambda text: None if text == "off" else int(text),
         default=SHARED_PREFIX_MIN_TOKENS,
         help="static engine: prefill the prompts' shared opening (chat template, system prompt) once per batch when "
-        f"(batch - 1) x its length reaches this many tokens and it is at least {SHARED_PREFIX_MIN_FRACTION:.0%}% of "
-        "the prompt, both sides; 'off' never does",
+        f"(batch - 1) x its length reaches this many tokens and it is at least {SHARED_PREFIX_MIN_FRACTION * 100:g}%% "
+        "of the prompt, both sides; 'off' never does",  # "%%": argparse %-formats help strings
     )
     parser.add_argument("--peak_tflops", type=float, default=None, help="override the detected dense bf16 peak")
     parser.add_argument("--peak_bandwidth_tbs", type=float, default=None, help="override the detected memory bandwidth")
