@@ -650,10 +650,19 @@ class ScaleDownForCausalLM(ScaleDownPreTrainedModel):
             kwargs.pop(ignored, None)
         if kwargs:
             raise TypeError(f"ScaleDownForCausalLM.from_pretrained got unexpected arguments: {sorted(kwargs)}.")
+        # A checkpoint in a subfolder of a folder or repo keeps its own subfolders (tokenizer, merged generator) under
+        # it. AutoModel hands `subfolder` on, empty when none was asked for.
+        subfolder = hub_kwargs.pop("subfolder", None) or ""
         path = str(pretrained_model_name_or_path)
+        if subfolder and os.path.isdir(path):
+            path, subfolder = os.path.join(path, subfolder), ""
+
+        def inside(folder: str) -> str:
+            return "/".join(part for part in (subfolder, folder) if part)
+
         _check_checkpoint_folder(path)
         if config is None:
-            config = ScaleDownConfig.from_pretrained(path, **hub_kwargs)
+            config = ScaleDownConfig.from_pretrained(path, subfolder=subfolder, **hub_kwargs)
         elif isinstance(config, (str, os.PathLike)):
             config = ScaleDownConfig.from_pretrained(config, **hub_kwargs)
         dtype = dtype if dtype is not None else (torch_dtype if torch_dtype is not None else "auto")
@@ -663,7 +672,7 @@ class ScaleDownForCausalLM(ScaleDownPreTrainedModel):
             load_kwargs["attn_implementation"] = attn_implementation
         if config.generator_subfolder:
             generator = AutoModelForCausalLM.from_pretrained(
-                path, subfolder=config.generator_subfolder, **load_kwargs, **hub_kwargs
+                path, subfolder=inside(config.generator_subfolder), **load_kwargs, **hub_kwargs
             )
         else:
             generator = AutoModelForCausalLM.from_pretrained(config.generator_name_or_path, **load_kwargs)
@@ -672,9 +681,9 @@ class ScaleDownForCausalLM(ScaleDownPreTrainedModel):
             compressor_config._attn_implementation = attn_implementation
         compressor = AutoModel.from_config(compressor_config, dtype=generator.dtype)
         # Handing over the config keeps AutoTokenizer from resolving the checkpoint's remote-code config again.
-        generator_tokenizer = AutoTokenizer.from_pretrained(path, config=config, **hub_kwargs)
+        generator_tokenizer = AutoTokenizer.from_pretrained(path, subfolder=subfolder, config=config, **hub_kwargs)
         compressor_tokenizer = AutoTokenizer.from_pretrained(
-            path, subfolder=COMPRESSOR_TOKENIZER_FOLDER, config=config, **hub_kwargs
+            path, subfolder=inside(COMPRESSOR_TOKENIZER_FOLDER), config=config, **hub_kwargs
         )
         model = cls(
             config,
@@ -683,7 +692,7 @@ class ScaleDownForCausalLM(ScaleDownPreTrainedModel):
             generator_tokenizer=generator_tokenizer,
             compressor_tokenizer=compressor_tokenizer,
         )
-        state_dict = _read_safetensors(path, hub_kwargs)
+        state_dict = _read_safetensors(path, {**hub_kwargs, "subfolder": subfolder})
         result = model.load_state_dict(state_dict, strict=False)
         if result.unexpected_keys:
             raise ValueError(f"The checkpoint holds weights this model does not have: {result.unexpected_keys[:5]}...")

@@ -31,6 +31,7 @@ from scaledown.hub_cards.push import main
 
 BASE_ID = "acme/tiny-llama"  # the Hub id the test checkpoints give their base generator
 REPO_ID = "acme/scaledown-tiny"
+NESTED_REPO_ID = "acme/scaledown-versions"  # holds a checkpoint in its subfolder v1/
 # Reports as scaledown-evaluate and scaledown-bench write them (abridged).
 EVALUATION = {
     "num_examples": 500,
@@ -322,6 +323,9 @@ def test_staged_folder_holds_what_loading_needs_and_loads_in_a_fresh_process(
     hf_home = tmp_path / "hf_home"
     _publish_to_offline_cache(hf_home, BASE_ID, generator_dirs["llama"])
     _publish_to_offline_cache(hf_home, REPO_ID, staged)
+    nested = tmp_path / "nested"  # a repo holding the checkpoint in a subfolder, its own subfolders under it
+    shutil.copytree(staged, nested / "v1")
+    _publish_to_offline_cache(hf_home, NESTED_REPO_ID, nested)
     expected = model.generate_from_documents(QUESTIONS, DOCUMENTS, max_new_tokens=8)
     script = f"""
 import json, sys
@@ -331,6 +335,11 @@ for source in ({str(staged)!r}, {REPO_ID!r}):
     model = AutoModel.from_pretrained(source, trust_remote_code=True)
     answers.append(model.generate_from_documents({QUESTIONS!r}, {DOCUMENTS!r}, max_new_tokens=8))
 assert "scaledown" not in sys.modules  # the repo's own code ran, not the installed package
+# transformers fetches remote code from a repo's root only, so a checkpoint in a subfolder loads through the package
+from scaledown import ScaleDownForCausalLM
+for source in ({str(nested)!r}, {NESTED_REPO_ID!r}):
+    model = ScaleDownForCausalLM.from_pretrained(source, subfolder="v1")
+    answers.append(model.generate_from_documents({QUESTIONS!r}, {DOCUMENTS!r}, max_new_tokens=8))
 print(json.dumps(answers))
 """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home), "PYTHONPATH": ""}
@@ -339,7 +348,7 @@ print(json.dumps(answers))
         [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == [expected, expected]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [expected] * 4
 
 
 def test_merged_checkpoint_ships_its_generator(make_model, tmp_path):
