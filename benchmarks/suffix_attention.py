@@ -7,11 +7,12 @@ A case is batch x prompt length x shared prefix length. With the prefix prefille
 which is not the square causal attention of a whole prompt. This times the candidates alone at the bench's shapes,
 each checked against a float32 reference on two rows (max |error|; a large one means the wrong alignment), beside the
 whole prompt's square causal attention (`square`, what the prefill without sharing runs):
-- `engine`: `causal_suffix_attention`, queries padded in front to the square kernel;
+- `padded` and `masked`: the engine's two kernels (`causal_suffix_attention`): queries padded in front to the square
+  kernel, or SDPA under the boolean lower-right mask with cuDNN first (`engine` and `cudnn-mask` in results before the
+  engine had both);
 - `bias`: grouped heads repeated, SDPA with a lower-right causal bias (the engine's first version);
 - `flex`: flex attention with a lower-right causal block mask, grouped heads read in place (compiled per shape);
 - `cudnn`: SDPA's is_causal on cuDNN with grouped heads (top-left alignment: wrong, timing only);
-- `cudnn-mask`: cuDNN under a boolean lower-right mask;
 - `cascade`: the remainder over its own keys (square causal) and over the prefix's, merged by log-sum-exps;
 - `flash`: FlashAttention-2's own causal mask through ATen's flash operator, grouped heads read in place.
 SDPA's public call refuses flash and memory-efficient attention for grouped heads with is_causal here ("No available
@@ -78,15 +79,6 @@ def causal_on_cudnn(query, key, value, scaling):
     return output.transpose(1, 2)
 
 
-def masked_on_cudnn(query, key, value, scaling):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    allowed = lower_right_allowed(query.shape[2], key.shape[2], query.device)[None, None]  # (1, 1, rest, length)
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        output = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling, enable_gqa=True)
-    return output.transpose(1, 2)
-
-
 def cascade(query, key, value, scaling):
     """Two square-friendly cuDNN calls merged by their log-sum-exps: the remainder over its own keys (square
     causal) and over the prefix's (no mask)."""
@@ -140,11 +132,13 @@ def main() -> None:
         want = reference(query[:2], key[:2], value[:2], scaling)
         flex = lower_right_flex(rest, length, device)
         candidates = {
-            "engine": lambda q, k, v: causal_suffix_attention(None, q, k, v, None, scaling=scaling)[0],
+            "padded": lambda q, k, v: causal_suffix_attention(None, q, k, v, None, scaling=scaling)[0],
+            "masked": lambda q, k, v: causal_suffix_attention(
+                None, q, k, v, lower_right_allowed(rest, length, device)[None, None], scaling=scaling, kernel="masked"
+            )[0],
             "bias": lambda q, k, v: lower_right_bias(q, k, v, scaling),
             "flex": lambda q, k, v: flex(q, k, v, scaling),
             "cudnn": lambda q, k, v: causal_on_cudnn(q, k, v, scaling),
-            "cudnn-mask": lambda q, k, v: masked_on_cudnn(q, k, v, scaling),
             "cascade": lambda q, k, v: cascade(q, k, v, scaling),
             "flash": lambda q, k, v: flash_lower_right(q, k, v, scaling),
         }

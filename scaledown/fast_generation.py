@@ -21,7 +21,7 @@ import contextlib
 import functools
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -44,19 +44,24 @@ PREFILL_GRAPH_MAX_TOKENS = 2048
 # The shared prefix is prefilled apart when the prompt tokens this spares, (batch - 1) x prefix length, reach this
 # many: below it the extra forward pass's launches cost about what its arithmetic saves (benchmarks/NOTES.md).
 SHARED_PREFIX_MIN_TOKENS = 2048
-# ... and when the prefix is at least this part of the prompt: the remainder's attention pads its queries back to the
-# prompt's length, which costs in proportion to the whole prompt. On an H100 (benchmarks/NOTES.md) a 35-token prefix of
-# 1,474 (2.4%) made the uncompressed side 0.65% slower at batch 96, a 32-token prefix of 254 (12.6%) made ModernBERT's
-# compressed side 4.6% faster at 512.
+# ... and when the prefix is at least this part of the prompt: the remainder's attention costs in proportion to the
+# whole prompt ("padded" pads its queries back to the prompt's length). On an H100 (benchmarks/NOTES.md) a 35-token
+# prefix of 1,474 (2.4%) made the uncompressed side 0.65% slower at batch 96, a 32-token prefix of 254 (12.6%) made
+# ModernBERT's compressed side 4.6% faster at 512.
 SHARED_PREFIX_MIN_FRACTION = 0.05
-# The attention function of a shared prefix's remainder: causal, aligned to the last key (registered below).
-SUFFIX_ATTENTION = "scaledown_causal_suffix"
+# How a shared prefix's remainder attends to the prompt's keys (causal, aligned to the last key): "padded" pads its
+# queries in front to the whole prompt's square causal kernel, "masked" runs SDPA under the remainder's explicit mask
+# with grouped heads read in place, cuDNN's kernel first on CUDA. Alone on an H100 (benchmarks/NOTES.md) "masked" took
+# 2.26 ms a layer at 512 x 254 against 3.08, but 0.337 against 0.248 at 32: the default, "auto", times both on each
+# new shape before its prefill and keeps the faster; off CUDA it is "padded".
+SUFFIX_ATTENTION_KERNELS = ("padded", "masked")
+SUFFIX_ATTENTION_KERNEL = "auto"
 
 
-def _check_decode_attention_kernel(kernel: str, allow_auto: bool = False) -> None:
-    choices = DECODE_ATTENTION_KERNELS + (("auto",) if allow_auto else ())
+def _check_kernel(what: str, kernel: str, choices: tuple[str, ...], allow_auto: bool = False) -> None:
+    choices = choices + (("auto",) if allow_auto else ())
     if kernel not in choices:
-        raise ValueError(f"Unknown decode attention kernel {kernel!r}; choose one of {choices}.")
+        raise ValueError(f"Unknown {what} kernel {kernel!r}; choose one of {choices}.")
 
 
 def _flex_decode_attention(query, key, value, allowed_slots, scaling, kernel_options=None):
@@ -88,7 +93,7 @@ def _flex_grouped_attention(query, key, value, allowed, scaling):
 
 def _grouped_attention(query, key, value, allowed, scaling, kernel):
     """query `(batch, kv_heads, group, head_dim)` against key/value `(batch, kv_heads, slots, head_dim)`."""
-    _check_decode_attention_kernel(kernel)
+    _check_kernel("decode attention", kernel, DECODE_ATTENTION_KERNELS)
     if kernel == "flex":
         return _flex_grouped_attention(query, key, value, allowed, scaling)
     if kernel == "matmul":
@@ -130,30 +135,60 @@ def _attention_name(kernel: str) -> str:
     return f"scaledown_grouped_decode_{kernel}"
 
 
-def causal_suffix_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+def _cudnn_attention_first(device: torch.device):
+    """SDPA's backends in the order cuDNN, memory-efficient, math on CUDA (cuDNN is the one that reads grouped heads
+    in place under a boolean mask); nothing changed elsewhere."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(backends, set_priority=True)
+
+
+def causal_suffix_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, kernel="padded", **kwargs
+):
     """Attention of a prompt's last positions over all of its keys, for prompts without padding.
 
     query: `(batch, heads, rest, head_dim)`; key, value: `(batch, kv_heads, prompt_len, head_dim)`. The remainder's
     causal mask is aligned to the last key (query i sits at slot prompt_len - rest + i). No fused SDPA kernel takes
-    that alignment with grouped heads: the queries are padded in front with zeros to the prompt's length and go
-    through the whole prompt's square causal kernel, whose padded rows are dropped. On an H100
-    (`benchmarks/suffix_attention.py`) this took 3.0 ms a layer at 512 x 254 and 5.7 at 96 x 1,474, against 5.3 and
-    9.3 for SDPA's lower-right causal bias and 2.7 and 7.0 for flex attention, which would also compile per shape.
-    attention_mask is not read: the engine routes only prompts without padding here. Returns
-    `(batch, rest, heads, head_dim)` as transformers' attention functions do.
+    that alignment from `is_causal` with grouped heads, so `kernel` (one of SUFFIX_ATTENTION_KERNELS) is either
+    - "padded": the queries padded in front with zeros to the prompt's length through the whole prompt's square
+      causal kernel, whose padded rows are dropped (attention_mask is not read); or
+    - "masked": SDPA under attention_mask, the engine's `(1 or batch, 1, rest, prompt_len)` boolean, with grouped heads
+      read in place, cuDNN's kernel first on CUDA.
+    On an H100 (`benchmarks/suffix_attention.py`) "padded" took 3.0 ms a layer at 512 x 254 and 5.7 at 96 x 1,474,
+    against 5.3 and 9.3 for SDPA's lower-right causal bias and 2.7 and 7.0 for flex attention, which would also
+    compile per shape; "masked" took 2.3 and 10.4. Returns `(batch, rest, heads, head_dim)` as transformers'
+    attention functions do.
     """
     batch, heads, rest, head_dim = query.shape
     length = key.shape[2]
+    grouped = key.shape[1] != heads
+    if kernel == "masked":
+        with _cudnn_attention_first(query.device):
+            output = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=grouped
+            )  # (batch, heads, rest, head_dim)
+        return output.transpose(1, 2).contiguous(), None
     padded = torch.cat([query.new_zeros(batch, heads, length - rest, head_dim), query], dim=2)  # (batch, heads, len, d)
     output = F.scaled_dot_product_attention(
-        padded, key, value, is_causal=True, scale=scaling, enable_gqa=key.shape[1] != heads
+        padded, key, value, is_causal=True, scale=scaling, enable_gqa=grouped
     )  # (batch, heads, prompt_len, head_dim)
     return output[:, :, length - rest :].transpose(1, 2).contiguous(), None
 
 
+def _suffix_attention_name(kernel: str) -> str:
+    return f"scaledown_causal_suffix_{kernel}"
+
+
 for _kernel in DECODE_ATTENTION_KERNELS:  # one registered attention function per kernel, chosen through the config
     AttentionInterface.register(_attention_name(_kernel), functools.partial(grouped_decode_attention, kernel=_kernel))
-AttentionInterface.register(SUFFIX_ATTENTION, causal_suffix_attention)
+for _kernel in SUFFIX_ATTENTION_KERNELS:
+    AttentionInterface.register(
+        _suffix_attention_name(_kernel), functools.partial(causal_suffix_attention, kernel=_kernel)
+    )
 
 
 @contextlib.contextmanager
@@ -256,6 +291,20 @@ def cuda_graph_milliseconds(function, calls: int = 8, replays: int = 5) -> float
     return start.elapsed_time(end) / (calls * replays)
 
 
+def cuda_milliseconds(function, repeats: int = 3) -> float:
+    """Median GPU time of one eager call of `function` (after one untimed call), as an eager prefill runs it."""
+    function()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        function()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
 @dataclass
 class _DecodeState:
     """Everything one decode step reads and writes, at fixed addresses (a CUDA graph replays on these)."""
@@ -275,6 +324,8 @@ class _DecodeState:
     prefill_positions: torch.Tensor | None = None  # (batch, prompt_len) the graph reads them: kept alive with it
     attention_kernel: str | None = None  # the decode attention kernel of this shape, once chosen
     attention_kernel_ms: dict | None = None  # what "auto" measured: milliseconds a layer for each candidate
+    # shared prefix length -> (its remainder's attention kernel, what "auto" measured for it or None)
+    suffix_kernels: dict = field(default_factory=dict)
 
 
 class StaticGreedyGenerator:
@@ -292,14 +343,18 @@ class StaticGreedyGenerator:
         prefill_graph_max_tokens: int = PREFILL_GRAPH_MAX_TOKENS,
         shared_prefix_min_tokens: int | None = SHARED_PREFIX_MIN_TOKENS,
         shared_prefix_min_fraction: float = SHARED_PREFIX_MIN_FRACTION,
+        suffix_attention_kernel: str = SUFFIX_ATTENTION_KERNEL,
     ):
-        _check_decode_attention_kernel(decode_attention_kernel, allow_auto=True)
+        _check_kernel("decode attention", decode_attention_kernel, DECODE_ATTENTION_KERNELS, allow_auto=True)
+        _check_kernel("suffix attention", suffix_attention_kernel, SUFFIX_ATTENTION_KERNELS, allow_auto=True)
         self.generator = generator
         self.use_cuda_graph = use_cuda_graph
         self.prefill_graph_max_tokens = prefill_graph_max_tokens
         self.shared_prefix_min_tokens = shared_prefix_min_tokens  # None: never prefill a shared prefix apart
         self.shared_prefix_min_fraction = shared_prefix_min_fraction
         self.last_shared_prefix = 0  # prompt tokens the last call prefilled once for the whole batch
+        self.suffix_attention_kernel = suffix_attention_kernel
+        self.last_suffix_attention = None  # (kernel, "auto"'s milliseconds a layer or None) of the last shared prefill
         self.decode_attention_kernel = decode_attention_kernel
         self._key_now = None  # the key of the state held
         self._state: _DecodeState | None = None
@@ -401,6 +456,34 @@ class StaticGreedyGenerator:
         }
         return min(state.attention_kernel_ms, key=state.attention_kernel_ms.get)
 
+    def _choose_suffix_kernel(
+        self, state: _DecodeState, batch: int, prompt_len: int, prefix_keys: torch.Tensor
+    ) -> tuple[str, dict | None]:
+        """The configured remainder attention kernel, or for "auto" on CUDA the faster of SUFFIX_ATTENTION_KERNELS at
+        this shape, timed once per state and prefix length on random inputs as large as one layer's.
+
+        prefix_keys: the prefix's first-layer keys `(1, kv_heads, prefix_len, head_dim)`. Returns the kernel and, when
+        timed, the milliseconds a layer of each candidate.
+        """
+        _, kv_heads, prefix_len, head_dim = prefix_keys.shape
+        if self.suffix_attention_kernel != "auto" or prefix_keys.device.type != "cuda":
+            return ("padded" if self.suffix_attention_kernel == "auto" else self.suffix_attention_kernel), None
+        if prefix_len not in state.suffix_kernels:
+            like = dict(dtype=prefix_keys.dtype, device=prefix_keys.device)
+            heads, rest = self.generator.config.num_attention_heads, prompt_len - prefix_len
+            query = torch.randn(batch, heads, rest, head_dim, **like)
+            key, value = (torch.randn(batch, kv_heads, prompt_len, head_dim, **like) for _ in range(2))
+            slots = torch.arange(prompt_len, device=prefix_keys.device)
+            allowed = (slots[None, :] <= slots[prefix_len:, None])[None, None]  # (1, 1, rest, prompt_len)
+            measured = {
+                kernel: cuda_milliseconds(
+                    lambda k=kernel: causal_suffix_attention(None, query, key, value, allowed, kernel=k)
+                )
+                for kernel in SUFFIX_ATTENTION_KERNELS
+            }
+            state.suffix_kernels[prefix_len] = (min(measured, key=measured.get), measured)
+        return state.suffix_kernels[prefix_len]
+
     @staticmethod
     def _emit(state: _DecodeState, logits: torch.Tensor, eos_token_id: int | None, pad_token_id: int) -> None:
         if state.scores is not None:
@@ -476,6 +559,9 @@ class StaticGreedyGenerator:
         cache = self.generator(
             **{name: prompt[:1, :prefix_len]}, position_ids=positions[:1, :prefix_len], use_cache=True, logits_to_keep=1
         ).past_key_values
+        # padded rows keep transformers' own SDPA path (its mask holds each row's padding)
+        if not padded:
+            self.last_suffix_attention = self._choose_suffix_kernel(state, batch, prompt_len, cache.layers[0].keys)
         for layer in cache.layers:  # (1, kv_heads, prefix, head_dim) -> (batch, ...) views, copied by the next update
             layer.keys = layer.keys.expand(batch, -1, -1, -1)
             layer.values = layer.values.expand(batch, -1, -1, -1)
@@ -484,7 +570,8 @@ class StaticGreedyGenerator:
         causal = slots[None, :] <= slots[prefix_len:, None]  # (rest, prompt_len): query i sits at slot prefix + i
         allowed = keys_seen[:, None, None, :] & causal[None, None]  # (batch or 1, 1, rest, prompt_len)
         dtype = self.generator.get_input_embeddings().weight.dtype
-        with _sdpa_routed_to(self.generator, None if padded else SUFFIX_ATTENTION):
+        routed = None if padded else _suffix_attention_name(self.last_suffix_attention[0])
+        with _sdpa_routed_to(self.generator, routed):
             prefill = self.generator(
                 **{name: prompt[:, prefix_len:]},
                 attention_mask=self._as_attention_mask(allowed, dtype),
@@ -560,6 +647,7 @@ class StaticGreedyGenerator:
         if padded:
             prompt, attention_mask = prefix_first_layout(prompt, attention_mask, prefix_len)
         self.last_shared_prefix = prefix_len
+        self.last_suffix_attention = None
 
         state.cache.reset()
         state.key_mask.zero_()

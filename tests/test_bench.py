@@ -283,21 +283,25 @@ def test_static_engine_bench_on_tiny_shapes(tmp_path):
     assert all(r["shared_prefix_tokens"] == 0 for r in report["results"])  # 1 x prefix < SHARED_PREFIX_MIN_TOKENS
 
 
-@pytest.mark.parametrize("setting", ["1", "off"])
-def test_shared_prefix_flag_reaches_both_sides(tmp_path, setting):
+@pytest.mark.parametrize("setting,suffix_kernel", [("1", "masked"), ("off", "auto")])
+def test_shared_prefix_flags_reach_both_sides(tmp_path, setting, suffix_kernel):
     argv = ["--shape", "tiny", "--compressor", "2l", "--batch_sizes", "2", "--engine", "static",
             "--query_tokens", "8", "--document_tokens", "8", "--num_documents", "1", "--new_tokens", "2",
             "--repeats", "1", "--warmup", "0", "--device", "cpu", "--shared_prefix_min_tokens", setting,
-            "--output_dir", str(tmp_path)]  # fmt: skip
+            "--suffix_attention_kernel", suffix_kernel, "--output_dir", str(tmp_path)]  # fmt: skip
     assert bench.main(argv) == 0
-    stem = "bench_tiny_2l_static" + ("_no-shared-prefix" if setting == "off" else "")
+    stem = "bench_tiny_2l_static" + ("_no-shared-prefix" if setting == "off" else "_suffix-masked")
     report = json.loads((tmp_path / f"{stem}.json").read_text())
     assert report["settings"]["shared_prefix_min_tokens"] == (None if setting == "off" else 1)
+    assert report["settings"]["suffix_attention_kernel"] == suffix_kernel
     shared = {r["side"]: r["shared_prefix_tokens"] for r in report["results"]}
+    kernels = {r["side"]: r["suffix_attention_kernel"] for r in report["results"]}
     if setting == "off":
         assert shared == {"uncompressed": 0, "compressed": 0}
+        assert kernels == {"uncompressed": None, "compressed": None}
     else:  # the chat template and system prompt open every prompt of both sides
         assert shared["uncompressed"] >= shared["compressed"] > 10
+        assert kernels == {"uncompressed": "masked", "compressed": "masked"}  # prompts of equal length: no padding
 
 
 def test_compile_flag_compiles_the_shared_generator_once_and_each_compressor(tmp_path, monkeypatch):

@@ -36,9 +36,30 @@ def test_decode_attention_kernels_answer_as_generate(make_model, kernel):
     assert torch.equal(fast[:, : expected.shape[1]], expected)
 
 
-def test_unknown_engine_decode_attention_kernel():
+def test_unknown_engine_attention_kernels():
     with pytest.raises(ValueError, match="Unknown decode attention kernel"):
         StaticGreedyGenerator(torch.nn.Linear(2, 2), decode_attention_kernel="flash")
+    with pytest.raises(ValueError, match="Unknown suffix attention kernel 'cascade'"):
+        StaticGreedyGenerator(torch.nn.Linear(2, 2), suffix_attention_kernel="cascade")
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])  # grouped and plain heads
+def test_suffix_attention_kernels_agree_with_a_reference(kv_heads):
+    from scaledown.fast_generation import SUFFIX_ATTENTION_KERNELS, causal_suffix_attention
+
+    batch, heads, length, prefix, head_dim = 2, 4, 9, 3, 8
+    seeded = torch.Generator().manual_seed(0)
+    query = torch.randn(batch, heads, length - prefix, head_dim, generator=seeded)
+    key, value = (torch.randn(batch, kv_heads, length, head_dim, generator=seeded) for _ in range(2))
+    slots = torch.arange(length)
+    allowed = slots[None, :] <= slots[prefix:, None]  # (rest, length): query i sits at slot prefix + i
+    repeated_key, repeated_value = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (key, value))
+    scores = (query @ repeated_key.transpose(-1, -2)) * head_dim**-0.5
+    want = (scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ repeated_value).transpose(1, 2)
+    for kernel in SUFFIX_ATTENTION_KERNELS:
+        got, _ = causal_suffix_attention(None, query, key, value, allowed[None, None], kernel=kernel)
+        assert got.shape == (batch, length - prefix, heads, head_dim)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_prefill_graph_only_for_short_prompts_without_padding():
@@ -129,8 +150,8 @@ def test_shared_prefix_length_and_prefix_first_layout():
     assert torch.equal(laid_embeds, torch.nn.functional.one_hot(laid, 10).float())
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
-def test_shared_prefix_prefill_decodes_as_the_plain_prefill(make_model, arch):
+@pytest.mark.parametrize("arch,suffix_kernel", [("llama", "padded"), ("mistral", "masked"), ("qwen2", "auto")])
+def test_shared_prefix_prefill_decodes_as_the_plain_prefill(make_model, arch, suffix_kernel):
     model = make_model(arch)
     model.generator.float()  # float32: the split prefill must give the same logits, not only the same argmax
     tokenizer = model.generator_tokenizer
@@ -153,12 +174,18 @@ def test_shared_prefix_prefill_decodes_as_the_plain_prefill(make_model, arch):
     for implementation in ("sdpa", "eager"):
         model.generator.config._attn_implementation = implementation
         plain = StaticGreedyGenerator(model.generator, shared_prefix_min_tokens=None)
-        shared = StaticGreedyGenerator(model.generator, shared_prefix_min_tokens=1)
+        shared = StaticGreedyGenerator(
+            model.generator, shared_prefix_min_tokens=1, suffix_attention_kernel=suffix_kernel
+        )
         for case in cases:
             want_ids, want_scores = plain.generate(max_new_tokens=6, return_scores=True, **case)
             got_ids, got_scores = shared.generate(max_new_tokens=6, return_scores=True, **case)
-            assert plain.last_shared_prefix == 0
+            assert plain.last_shared_prefix == 0 and plain.last_suffix_attention is None
             assert shared.last_shared_prefix >= 7  # the chat template's opening, or the 7 tokens made equal
+            if case["attention_mask"].all():  # rows without padding take the suffix kernel ("auto": "padded" on CPU)
+                assert shared.last_suffix_attention == ("padded" if suffix_kernel == "auto" else suffix_kernel, None)
+            else:  # padded rows keep transformers' own attention under their mask
+                assert shared.last_suffix_attention is None
             assert torch.equal(got_ids, want_ids)
             torch.testing.assert_close(got_scores, want_scores, atol=1e-4, rtol=1e-4)
 

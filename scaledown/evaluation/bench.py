@@ -41,6 +41,8 @@ from ..fast_generation import (
     FLEX_BLOCK_PREFIX,
     SHARED_PREFIX_MIN_FRACTION,
     SHARED_PREFIX_MIN_TOKENS,
+    SUFFIX_ATTENTION_KERNEL,
+    SUFFIX_ATTENTION_KERNELS,
     StaticGreedyGenerator,
     compile_compressor,
     compile_elementwise_work,
@@ -519,6 +521,8 @@ def measure(
         "decode_attention_kernel_ms": side.fast.attention_kernel_ms if side.fast is not None else None,
         "shared_prefix_tokens": side.fast.last_shared_prefix if side.fast is not None else None,
     }
+    suffix_attention = side.fast.last_suffix_attention if side.fast is not None else None
+    record["suffix_attention_kernel"], record["suffix_attention_kernel_ms"] = suffix_attention or (None, None)
     if hardware is not None:
         best = sum(p.best_seconds(hardware) for p in honest)
         record["roofline_ms_per_query"] = 1000 * best / batch_size
@@ -770,6 +774,13 @@ def build_parser() -> argparse.ArgumentParser:
         f"(batch - 1) x its length reaches this many tokens and it is at least {SHARED_PREFIX_MIN_FRACTION * 100:g}%% "
         "of the prompt, both sides; 'off' never does",  # "%%": argparse %-formats help strings
     )
+    parser.add_argument(
+        "--suffix_attention_kernel",
+        default=SUFFIX_ATTENTION_KERNEL,
+        choices=("auto",) + SUFFIX_ATTENTION_KERNELS,
+        help="static engine: how the rest of each prompt attends after a shared prefix (auto: the faster of padded "
+        "and masked, timed on each batch shape)",
+    )
     parser.add_argument("--peak_tflops", type=float, default=None, help="override the detected dense bf16 peak")
     parser.add_argument("--peak_bandwidth_tbs", type=float, default=None, help="override the detected memory bandwidth")
     parser.add_argument("--seed", type=int, default=0)
@@ -822,6 +833,7 @@ def _settings(
         "overlap_batches": args.overlap_batches,
         "decode_attention_kernel": args.decode_attention_kernel,
         "shared_prefix_min_tokens": args.shared_prefix_min_tokens,
+        "suffix_attention_kernel": args.suffix_attention_kernel,
         "hardware": asdict(hardware) if hardware is not None else None,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "notes": (
@@ -908,9 +920,12 @@ def run(args: argparse.Namespace) -> dict:
     stem += f"_overlap{args.overlap_batches}" if args.overlap_batches > 1 else ""
     stem += f"_decode-{args.decode_attention_kernel}" if args.decode_attention_kernel != DECODE_ATTENTION_KERNEL else ""
     stem += "_no-shared-prefix" if args.shared_prefix_min_tokens is None else ""
+    stem += f"_suffix-{args.suffix_attention_kernel}" if args.suffix_attention_kernel != SUFFIX_ATTENTION_KERNEL else ""
     json_path, png_path = (os.path.join(args.output_dir, f"{stem}.{ext}") for ext in ("json", "png"))
     engine_options = dict(
-        decode_attention_kernel=args.decode_attention_kernel, shared_prefix_min_tokens=args.shared_prefix_min_tokens
+        decode_attention_kernel=args.decode_attention_kernel,
+        shared_prefix_min_tokens=args.shared_prefix_min_tokens,
+        suffix_attention_kernel=args.suffix_attention_kernel,
     )
     run_side = dict(
         requests=requests,
