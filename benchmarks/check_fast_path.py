@@ -109,9 +109,7 @@ def main() -> None:
             print(f"{name} compressor: compiled {compile_compressor(model)}")
 
     # --shared_prefix_min_tokens 1 sends small batches through the shared-prefix prefill too
-    options = dict(
-        decode_attention_kernel=args.decode_attention_kernel, shared_prefix_min_tokens=args.shared_prefix_min_tokens
-    )
+    options = bench.static_engine_options(args)
     engines = {"uncompressed": StaticGreedyGenerator(generator, **options)}
     fast = {
         "uncompressed": engines["uncompressed"].generate(
@@ -124,7 +122,8 @@ def main() -> None:
             model, batches[name], engines[name], steps, stop_at_eos=False, return_scores=True
         )
     for name, engine in engines.items():
-        print(f"{name}: shared prefix of {engine.last_shared_prefix} tokens prefilled once")
+        kernel = f", remainder attention {engine.last_suffix_attention}" if engine.last_shared_prefix else ""
+        print(f"{name}: shared prefix of {engine.last_shared_prefix} tokens prefilled once{kernel}")
     engine = "fast path" + (" (compiled)" if args.compile else "")
     for name in run_plain:
         print(f"== {name}")

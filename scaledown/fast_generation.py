@@ -29,6 +29,8 @@ import transformers
 from transformers import AttentionInterface, StaticCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from ._compat import cache_keyword
+
 # How a decode step's grouped attention is computed: "sdpa" lets PyTorch pick (cuDNN on an H100), the next three force
 # one SDPA backend, "matmul" is two batched matrix products around a float32 softmax, "flex" is PyTorch's flex
 # attention (compiled on CUDA: its split-key decoding kernel). `benchmarks/decode_attention.py` times them alone at the
@@ -348,6 +350,7 @@ class StaticGreedyGenerator:
         _check_kernel("decode attention", decode_attention_kernel, DECODE_ATTENTION_KERNELS, allow_auto=True)
         _check_kernel("suffix attention", suffix_attention_kernel, SUFFIX_ATTENTION_KERNELS, allow_auto=True)
         self.generator = generator
+        self._cache_keyword = cache_keyword(generator)
         self.use_cuda_graph = use_cuda_graph
         self.prefill_graph_max_tokens = prefill_graph_max_tokens
         self.shared_prefix_min_tokens = shared_prefix_min_tokens  # None: never prefill a shared prefix apart
@@ -430,8 +433,8 @@ class StaticGreedyGenerator:
                 attention_mask=self._as_attention_mask(allowed, dtype),
                 position_ids=state.positions,
                 cache_position=state.cache_position,
-                past_key_values=state.cache,
                 use_cache=True,
+                **{self._cache_keyword: state.cache},
             ).logits[:, -1]  # (batch, vocab)
         self._emit(state, logits, eos_token_id, pad_token_id)
         state.positions.add_(1)
@@ -519,7 +522,7 @@ class StaticGreedyGenerator:
     def _store_prefill(self, state, prefill, eos_token_id, pad_token_id) -> None:
         """Copy a prefill's keys and values `(batch, kv_heads, prompt_len, head_dim)` into the static cache, layer by
         layer, and emit its first token."""
-        layers = prefill.past_key_values.layers
+        layers = getattr(prefill, self._cache_keyword).layers
         slots = {"cache_position": torch.arange(layers[0].keys.shape[-2], device=layers[0].keys.device)}
         for index, layer in enumerate(layers):
             state.cache.update(layer.keys, layer.values, index, slots)
@@ -556,9 +559,10 @@ class StaticGreedyGenerator:
         """
         batch, prompt_len = attention_mask.shape
         name = "input_ids" if prompt.dim() == 2 else "inputs_embeds"
-        cache = self.generator(
+        prefix = self.generator(
             **{name: prompt[:1, :prefix_len]}, position_ids=positions[:1, :prefix_len], use_cache=True, logits_to_keep=1
-        ).past_key_values
+        )
+        cache = getattr(prefix, self._cache_keyword)
         # padded rows keep transformers' own SDPA path (its mask holds each row's padding)
         if not padded:
             self.last_suffix_attention = self._choose_suffix_kernel(state, batch, prompt_len, cache.layers[0].keys)
@@ -577,8 +581,8 @@ class StaticGreedyGenerator:
                 attention_mask=self._as_attention_mask(allowed, dtype),
                 position_ids=positions[:, prefix_len:],
                 cache_position=slots[prefix_len:],
-                past_key_values=cache,
                 use_cache=True,
+                **{self._cache_keyword: cache},
                 logits_to_keep=1,
             )
         self._store_prefill(state, prefill, eos_token_id, pad_token_id)
@@ -719,9 +723,9 @@ def compress_sharing_queries(
     group = starts_group.long().cumsum(0) - 1  # (rows,) index of the row's question
     firsts = starts_group.nonzero().squeeze(-1)  # (questions,)
 
-    cache = model.compressor(
-        input_ids=ids[firsts, :width], attention_mask=in_prefix[firsts].long(), use_cache=True
-    ).past_key_values  # keys/values: (questions, kv_heads, width, head_dim) per layer
+    keyword = cache_keyword(model.compressor)
+    shared = model.compressor(input_ids=ids[firsts, :width], attention_mask=in_prefix[firsts].long(), use_cache=True)
+    cache = getattr(shared, keyword)  # keys/values: (questions, kv_heads, width, head_dim) per layer
     for layer in cache.layers:
         layer.keys, layer.values = layer.keys.index_select(0, group), layer.values.index_select(0, group)
 
@@ -737,8 +741,8 @@ def compress_sharing_queries(
         input_ids=suffix_ids,
         attention_mask=torch.cat([in_prefix, in_suffix], -1).long(),  # (rows, width + span); gaps are masked
         position_ids=positions,
-        past_key_values=cache,
         use_cache=True,
+        **{keyword: cache},
     ).last_hidden_state  # (rows, span, compressor_hidden)
     return model.read_compressed(hidden, suffix_lengths)
 

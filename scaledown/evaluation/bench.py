@@ -788,6 +788,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def static_engine_options(args) -> dict:
+    """`StaticGreedyGenerator` keyword arguments from the bench's command line (both sides get the same)."""
+    return dict(
+        decode_attention_kernel=args.decode_attention_kernel,
+        shared_prefix_min_tokens=args.shared_prefix_min_tokens,
+        suffix_attention_kernel=args.suffix_attention_kernel,
+    )
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -922,11 +931,7 @@ def run(args: argparse.Namespace) -> dict:
     stem += "_no-shared-prefix" if args.shared_prefix_min_tokens is None else ""
     stem += f"_suffix-{args.suffix_attention_kernel}" if args.suffix_attention_kernel != SUFFIX_ATTENTION_KERNEL else ""
     json_path, png_path = (os.path.join(args.output_dir, f"{stem}.{ext}") for ext in ("json", "png"))
-    engine_options = dict(
-        decode_attention_kernel=args.decode_attention_kernel,
-        shared_prefix_min_tokens=args.shared_prefix_min_tokens,
-        suffix_attention_kernel=args.suffix_attention_kernel,
-    )
+    engine_options = static_engine_options(args)
     run_side = dict(
         requests=requests,
         batch_labels=labels,
