@@ -16,6 +16,23 @@ def warmup_arguments(ratio: float) -> dict:
     return {"warmup_steps": ratio}
 
 
+def checkpointing_arguments(enabled: bool, **options) -> dict:
+    """Activation checkpointing for `TrainingArguments`, under the names this transformers reads.
+
+    transformers 5.25 renamed `gradient_checkpointing*` to `activation_checkpointing*`. It still reads the old names
+    when the new ones are unset, so defaults under the old names leave a user's flag of either name in charge (a
+    default under the new name would override a user's `--gradient_checkpointing false`). The new names serve once
+    the old ones are gone.
+    """
+    prefix = "gradient" if "gradient_checkpointing" in _TRAINING_FIELDS else "activation"
+    return {f"{prefix}_checkpointing": enabled, **({f"{prefix}_checkpointing_kwargs": options} if options else {})}
+
+
+def checkpointing_flag() -> str:
+    """The command-line flag of `checkpointing_arguments`."""
+    return "--" + next(iter(checkpointing_arguments(False)))
+
+
 def cache_keyword(model) -> str:
     """The name of the KV cache in `model`'s forward arguments and outputs: `cache` from transformers 5.25, which
     still takes `past_key_values` with a warning until 5.40, and `past_key_values` before."""

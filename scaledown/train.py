@@ -18,7 +18,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from ._compat import warmup_arguments
+from ._compat import checkpointing_arguments, warmup_arguments
 from .configuration_scaledown import DEFAULT_GENERATOR, ScaleDownConfig
 from .modeling_scaledown import ScaleDownForCausalLM
 from .neuron import NEURON_INSTALL_HINT, is_optimum_neuron_available, neuron_trainer_classes, to_neuron_arguments
@@ -86,8 +86,7 @@ def paper_training_defaults() -> dict:
         max_grad_norm=1.0,
         per_device_train_batch_size=4,
         bf16=bf16,
-        gradient_checkpointing=True,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **checkpointing_arguments(True, use_reentrant=False),
         remove_unused_columns=False,
         logging_steps=10,
         save_steps=500,
@@ -243,7 +242,7 @@ def tiny_preset_defaults() -> dict:
         num_train_epochs=3,
         logging_steps=5,
         save_steps=40,
-        gradient_checkpointing=False,
+        **checkpointing_arguments(False),
         disable_tqdm=False,
     )
 

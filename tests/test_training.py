@@ -90,6 +90,25 @@ def test_effective_batch_defaults_to_128(generator_dirs, tmp_path):
     assert gradient_accumulation_for(128, 4, 2) == 16
 
 
+def test_checkpointing_is_on_by_default_and_either_flag_turns_it_off(generator_dirs, tmp_path):
+    from transformers import TrainingArguments
+
+    def checkpointing(training_args) -> bool:  # transformers 5.25 renamed it activation_checkpointing
+        return bool(getattr(training_args, "activation_checkpointing", None) or training_args.gradient_checkpointing)
+
+    data = write_examples(tmp_path / "train.jsonl")
+    argv = base_argv(generator_dirs["llama"], data, tmp_path / "o")
+    flag = argv.index("--gradient_checkpointing")
+    default = argv[:flag] + argv[flag + 2 :]
+    _, training_args = parse_arguments(default)
+    assert checkpointing(training_args)
+    options = getattr(training_args, "activation_checkpointing_kwargs", None)
+    assert (options or training_args.gradient_checkpointing_kwargs) == {"use_reentrant": False}
+    assert not checkpointing(parse_arguments(argv)[1])  # the flag users have passed until now
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__:
+        assert not checkpointing(parse_arguments(default + ["--activation_checkpointing", "false"])[1])
+
+
 class _Crash(Exception):
     pass
 

@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from .._compat import checkpointing_flag
 from ..evaluation.evaluate import evaluate
 from ..modeling_scaledown import ScaleDownForCausalLM
 from ..toy_models import build_causal_lm, build_tokenizer, minilm_path
@@ -149,7 +150,7 @@ def train_variant(
         "--per_device_train_batch_size", str(run["batch_size"]), "--effective_batch_size", "0",
         "--learning_rate", str(run["learning_rate"]),
         "--compressor_learning_rate", str(variant.get("compressor_learning_rate", run["compressor_learning_rate"])),
-        "--gradient_checkpointing", "false", "--save_strategy", "no", "--logging_steps", "25",
+        checkpointing_flag(), "false", "--save_strategy", "no", "--logging_steps", "25",
         "--report_to", "none", "--device", device, "--seed", "0", "--disable_tqdm", "true",
         "--dataloader_num_workers", str(workers),
     ]  # fmt: skip
