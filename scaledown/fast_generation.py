@@ -169,6 +169,8 @@ def causal_suffix_attention(
     length = key.shape[2]
     grouped = key.shape[1] != heads
     if kernel == "masked":
+        if attention_mask is None:
+            raise ValueError("The masked suffix attention needs the remainder's mask; use kernel='padded' without one.")
         with _cudnn_attention_first(query.device):
             output = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=grouped
@@ -563,8 +565,9 @@ class StaticGreedyGenerator:
             **{name: prompt[:1, :prefix_len]}, position_ids=positions[:1, :prefix_len], use_cache=True, logits_to_keep=1
         )
         cache = getattr(prefix, self._cache_keyword)
-        # padded rows keep transformers' own SDPA path (its mask holds each row's padding)
-        if not padded:
+        # Only SDPA is routed to the suffix kernels; padded rows keep transformers' own path (its mask holds each row's
+        # padding), as does eager attention.
+        if not padded and self.generator.config._attn_implementation == "sdpa":
             self.last_suffix_attention = self._choose_suffix_kernel(state, batch, prompt_len, cache.layers[0].keys)
         for layer in cache.layers:  # (1, kv_heads, prefix, head_dim) -> (batch, ...) views, copied by the next update
             layer.keys = layer.keys.expand(batch, -1, -1, -1)
@@ -574,7 +577,7 @@ class StaticGreedyGenerator:
         causal = slots[None, :] <= slots[prefix_len:, None]  # (rest, prompt_len): query i sits at slot prefix + i
         allowed = keys_seen[:, None, None, :] & causal[None, None]  # (batch or 1, 1, rest, prompt_len)
         dtype = self.generator.get_input_embeddings().weight.dtype
-        routed = None if padded else _suffix_attention_name(self.last_suffix_attention[0])
+        routed = _suffix_attention_name(self.last_suffix_attention[0]) if self.last_suffix_attention else None
         with _sdpa_routed_to(self.generator, routed):
             prefill = self.generator(
                 **{name: prompt[:, prefix_len:]},

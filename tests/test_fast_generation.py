@@ -60,6 +60,8 @@ def test_suffix_attention_kernels_agree_with_a_reference(kv_heads):
         got, _ = causal_suffix_attention(None, query, key, value, allowed[None, None], kernel=kernel)
         assert got.shape == (batch, length - prefix, heads, head_dim)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs the remainder's mask"):
+        causal_suffix_attention(None, query, key, value, None, kernel="masked")
 
 
 def test_prefill_graph_only_for_short_prompts_without_padding():
@@ -182,9 +184,9 @@ def test_shared_prefix_prefill_decodes_as_the_plain_prefill(make_model, arch, su
             got_ids, got_scores = shared.generate(max_new_tokens=6, return_scores=True, **case)
             assert plain.last_shared_prefix == 0 and plain.last_suffix_attention is None
             assert shared.last_shared_prefix >= 7  # the chat template's opening, or the 7 tokens made equal
-            if case["attention_mask"].all():  # rows without padding take the suffix kernel ("auto": "padded" on CPU)
+            if case["attention_mask"].all() and implementation == "sdpa":  # SDPA rows without padding: the kernel
                 assert shared.last_suffix_attention == ("padded" if suffix_kernel == "auto" else suffix_kernel, None)
-            else:  # padded rows keep transformers' own attention under their mask
+            else:  # padded rows and eager attention keep transformers' own path under the mask
                 assert shared.last_suffix_attention is None
             assert torch.equal(got_ids, want_ids)
             torch.testing.assert_close(got_scores, want_scores, atol=1e-4, rtol=1e-4)
