@@ -462,24 +462,23 @@ class StaticGreedyGenerator:
         return min(state.attention_kernel_ms, key=state.attention_kernel_ms.get)
 
     def _choose_suffix_kernel(
-        self, state: _DecodeState, batch: int, prompt_len: int, prefix_keys: torch.Tensor
+        self, state: _DecodeState, batch: int, allowed: torch.Tensor, prefix_keys: torch.Tensor
     ) -> tuple[str, dict | None]:
         """The configured remainder attention kernel, or for "auto" on CUDA the faster of SUFFIX_ATTENTION_KERNELS at
         this shape, timed once per state and prefix length on random inputs as large as one layer's.
 
-        prefix_keys: the prefix's first-layer keys `(1, kv_heads, prefix_len, head_dim)`. Returns the kernel and, when
-        timed, the milliseconds a layer of each candidate.
+        allowed: the remainder's mask `(1, 1, rest, prompt_len)`; prefix_keys: the prefix's first-layer keys
+        `(1, kv_heads, prefix_len, head_dim)`. Returns the kernel and, when timed, the milliseconds a layer of each
+        candidate.
         """
         _, kv_heads, prefix_len, head_dim = prefix_keys.shape
         if self.suffix_attention_kernel != "auto" or prefix_keys.device.type != "cuda":
             return ("padded" if self.suffix_attention_kernel == "auto" else self.suffix_attention_kernel), None
         if prefix_len not in state.suffix_kernels:
             like = dict(dtype=prefix_keys.dtype, device=prefix_keys.device)
-            heads, rest = self.generator.config.num_attention_heads, prompt_len - prefix_len
-            query = torch.randn(batch, heads, rest, head_dim, **like)
+            rest, prompt_len = allowed.shape[-2:]
+            query = torch.randn(batch, self.generator.config.num_attention_heads, rest, head_dim, **like)
             key, value = (torch.randn(batch, kv_heads, prompt_len, head_dim, **like) for _ in range(2))
-            slots = torch.arange(prompt_len, device=prefix_keys.device)
-            allowed = (slots[None, :] <= slots[prefix_len:, None])[None, None]  # (1, 1, rest, prompt_len)
             measured = {
                 kernel: cuda_milliseconds(
                     lambda k=kernel: causal_suffix_attention(None, query, key, value, allowed, kernel=k)
@@ -565,17 +564,17 @@ class StaticGreedyGenerator:
             **{name: prompt[:1, :prefix_len]}, position_ids=positions[:1, :prefix_len], use_cache=True, logits_to_keep=1
         )
         cache = getattr(prefix, self._cache_keyword)
-        # Only SDPA is routed to the suffix kernels; padded rows keep transformers' own path (its mask holds each row's
-        # padding), as does eager attention.
-        if not padded and self.generator.config._attn_implementation == "sdpa":
-            self.last_suffix_attention = self._choose_suffix_kernel(state, batch, prompt_len, cache.layers[0].keys)
-        for layer in cache.layers:  # (1, kv_heads, prefix, head_dim) -> (batch, ...) views, copied by the next update
-            layer.keys = layer.keys.expand(batch, -1, -1, -1)
-            layer.values = layer.values.expand(batch, -1, -1, -1)
         slots = torch.arange(prompt_len, device=attention_mask.device)
         keys_seen = attention_mask.bool() if padded else attention_mask[:1].bool()  # without padding: one row for all
         causal = slots[None, :] <= slots[prefix_len:, None]  # (rest, prompt_len): query i sits at slot prefix + i
         allowed = keys_seen[:, None, None, :] & causal[None, None]  # (batch or 1, 1, rest, prompt_len)
+        # Only SDPA is routed to the suffix kernels; padded rows keep transformers' own path (its mask holds each row's
+        # padding), as does eager attention.
+        if not padded and self.generator.config._attn_implementation == "sdpa":
+            self.last_suffix_attention = self._choose_suffix_kernel(state, batch, allowed, cache.layers[0].keys)
+        for layer in cache.layers:  # (1, kv_heads, prefix, head_dim) -> (batch, ...) views, copied by the next update
+            layer.keys = layer.keys.expand(batch, -1, -1, -1)
+            layer.values = layer.values.expand(batch, -1, -1, -1)
         dtype = self.generator.get_input_embeddings().weight.dtype
         routed = _suffix_attention_name(self.last_suffix_attention[0]) if self.last_suffix_attention else None
         with _sdpa_routed_to(self.generator, routed):
