@@ -13,7 +13,10 @@ Random weights of the real shapes, the bench's protocol (10 documents a query). 
 - compiled-blocks: each of the encoder's blocks (`_no_split_modules`) compiled, the masks built eagerly;
 - compiled-coordinate-descent: the whole encoder compiled, inductor tuning each fused element-wise kernel's launch
   configuration (`coordinate_descent_tuning`);
-- compiled-graphs: the whole encoder compiled and replayed from CUDA graphs (mode "reduce-overhead").
+- compiled-graphs: the whole encoder compiled and replayed from CUDA graphs (mode "reduce-overhead");
+- memory-rows / compiled-memory-rows: the fast path's compression (`compress_batch`), which runs ModernBERT's last
+  layer on the memory and RR rows only, eager / compiled by `compile_compressor` (what `scaledown-bench --engine
+  static --compile` times). Every other variant runs the whole encoder (`compress_tensors`).
 
 Any variant followed by `-chunksN` (`compiled-chunks16`) compresses the batch N documents at a time, so that the
 tensors passed between one layer's kernels can stay in the GPU's L2 cache instead of going out to memory.
@@ -30,6 +33,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from scaledown.evaluation import bench
+from scaledown.fast_generation import compile_compressor, compress_batch
 from scaledown.evaluation.evaluate import resolve_device, resolve_dtype
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -45,6 +49,8 @@ BACKENDS = {  # variant -> the SDPA kernels it may use (None: SDPA's own choice)
     "compiled-blocks": None,
     "compiled-coordinate-descent": None,
     "compiled-graphs": None,
+    "memory-rows": None,
+    "compiled-memory-rows": None,
 }
 
 
@@ -85,6 +91,8 @@ def main() -> None:
     for variant in args.variants.split(","):
         base, chunk_documents = split_variant(variant)
         backends = BACKENDS[base]
+        if base.endswith("memory-rows") and chunk_documents is not None:
+            raise SystemExit(f"{variant}: the memory-rows variants compress the batch at once; drop -chunks")
         torch._dynamo.reset()  # each variant compiles a new model: no recompilation limit carried over
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)  # the peak printed below is this variant's own
@@ -103,17 +111,21 @@ def main() -> None:
             model.compressor.compile(mode="max-autotune-no-cudagraphs")
         elif base == "compiled-graphs":
             model.compressor.compile(mode="reduce-overhead")
+        elif base == "compiled-memory-rows":
+            compile_compressor(model)
         elif base == "compiled-blocks":
             blocks = set(model.compressor._no_split_modules or [])
             for block in model.compressor.modules():
                 if type(block).__name__ in blocks:
                     block.compile()
 
-        def compress(side=side, batch=batch, backends=backends, chunk_documents=chunk_documents):
+        rows = batch.inputs["compressor_input_ids"].shape[0]
+
+        def compress(model=model, batch=batch, backends=backends, rows_only=base.endswith("memory-rows")):
             with sdpa_kernel(backends) if backends else contextlib.nullcontext():
-                if chunk_documents is None:
-                    return side.compress(batch)
-                return compress_in_chunks(side.model, batch.inputs, chunk_documents)
+                if rows_only:
+                    return compress_batch(model, batch.inputs)
+                return compress_in_chunks(model, batch.inputs, chunk_documents or rows)
 
         try:
             start = time.perf_counter()

@@ -21,6 +21,7 @@ import contextlib
 import functools
 import re
 import sys
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -749,6 +750,105 @@ def compress_sharing_queries(
     return model.read_compressed(hidden, suffix_lengths)
 
 
+def reads_memory_rows_only(model) -> bool:
+    """Whether `compress_batch` runs `model`'s compressor's last layer on the rows ScaleDown reads only
+    (`compress_reading_memory_rows`): a ModernBERT encoder whose layers take their rotary embeddings from the model
+    (transformers 5; 4.57's attention computes its own, so it keeps the plain compression)."""
+    encoder = model.compressor
+    return (
+        model.config.uses_encoder_compressor
+        and type(encoder).__name__ == "ModernBertModel"
+        and hasattr(encoder, "rotary_emb")
+    )
+
+
+def _rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """ModernBERT's rotary embedding of `(n, heads, rows, head_dim)` states with `(n, rows, head_dim)` angles, in
+    float32 as its `apply_rotary_pos_emb` computes it (that function rotates a query and a key of one length)."""
+    from transformers.models.modernbert.modeling_modernbert import rotate_half
+
+    cos, sin, wide = cos[:, None], sin[:, None], states.float()
+    return (wide * cos + rotate_half(wide) * sin).to(states.dtype)
+
+
+def _modernbert_layer_on_rows(layer, hidden, cos_sin, attention_mask, rows, sliding_window):
+    """One ModernBERT encoder layer whose outputs are wanted at `rows` only: keys and values from every position,
+    the query, the attention output, the residual sums and the MLP at `rows` alone.
+
+    hidden: `(n, length, hidden)`; cos_sin: the layer type's rotary angles, each `(1 or n, length, head_dim)`;
+    attention_mask: `(n, length)`, 1 for real tokens; rows: `(n, k)` positions. Returns `(n, k, hidden)`.
+    """
+    attention = layer.attn
+    (n, length, width), k, head_dim = hidden.shape, rows.shape[1], attention.head_dim
+    heads = width // head_dim
+
+    def at_rows(states):  # (n, length, d) -> (n, k, d)
+        return states.gather(1, rows[..., None].expand(-1, -1, states.shape[-1]))
+
+    normed = layer.attn_norm(hidden)  # (n, length, hidden)
+    weight, bias = attention.Wqkv.weight, attention.Wqkv.bias  # output features: queries, keys, values
+    query = F.linear(at_rows(normed), weight[:width], None if bias is None else bias[:width])  # (n, k, hidden)
+    key_value = F.linear(normed, weight[width:], None if bias is None else bias[width:])  # (n, length, 2 * hidden)
+    key, value = key_value.view(n, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4)  # each (n, heads, length, hd)
+    query = query.view(n, k, heads, head_dim).transpose(1, 2)  # (n, heads, k, head_dim)
+    cos, sin = (angles.expand(n, -1, -1) for angles in cos_sin)  # (n, length, head_dim)
+    query, key = _rotate(query, at_rows(cos), at_rows(sin)), _rotate(key, cos, sin)
+
+    allowed = attention_mask.bool()[:, None, None, :]  # (n, 1, 1, length): real keys
+    if sliding_window is not None:  # local layers: |query - key| <= the half window, as transformers' mask
+        distance = rows[:, :, None] - torch.arange(length, device=rows.device)  # (n, k, length)
+        allowed = allowed & (distance.abs() <= sliding_window)[:, None]  # (n, 1, k, length)
+    attended = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=head_dim**-0.5)
+    attended = attended.transpose(1, 2).reshape(n, k, width)  # (n, k, hidden)
+    hidden = at_rows(hidden) + attention.out_drop(attention.Wo(attended))
+    return hidden + layer.mlp(layer.mlp_norm(hidden))  # (n, k, hidden)
+
+
+def modernbert_memory_rows(encoder, input_ids, attention_mask, rows) -> torch.Tensor:
+    """A ModernBERT encoder's last hidden states at `rows` only (`(n, length)` right-padded ids and mask, `(n, k)`
+    rows): its forward pass with the last layer run by `_modernbert_layer_on_rows`. Returns `(n, k, hidden)`."""
+    from transformers.masking_utils import create_bidirectional_mask, create_bidirectional_sliding_window_mask
+
+    config = encoder.config
+    hidden = encoder.embeddings(input_ids=input_ids)  # (n, length, hidden)
+    mask_arguments = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask)
+    masks = {
+        "full_attention": create_bidirectional_mask(**mask_arguments),
+        "sliding_attention": create_bidirectional_sliding_window_mask(**mask_arguments),
+    }
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]  # right padding: the same every row
+    angles = {kind: encoder.rotary_emb(hidden, positions, kind) for kind in set(config.layer_types)}
+    *layers, last = encoder.layers
+    for layer in layers:
+        kind = layer.attention_type
+        hidden = layer(hidden, attention_mask=masks[kind], position_embeddings=angles[kind])
+    window = config.sliding_window if last.attention_type == "sliding_attention" else None
+    hidden = _modernbert_layer_on_rows(last, hidden, angles[last.attention_type], attention_mask, rows, window)
+    return encoder.final_norm(hidden)
+
+
+_encoders_compiled = weakref.WeakSet()  # encoders whose memory-rows pass `compile_compressor` compiled
+_compiled_memory_rows = []  # `modernbert_memory_rows` compiled, once per process (its guards tell encoders apart)
+
+
+@torch.no_grad()
+def compress_reading_memory_rows(
+    model, compressor_input_ids: torch.LongTensor, compressor_attention_mask: torch.LongTensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`model.compress_tensors` for a ModernBERT compressor (`reads_memory_rows_only`), its last layer run on the
+    memory tokens and the RR token alone: ScaleDown reads nothing else, and every other position's last-layer
+    output would be discarded. Their keys and values still come from every position, so the result is exact up to
+    float reordering; the last layer loses about three quarters of its work. Compiled by `compile_compressor`."""
+    lengths = compressor_attention_mask.sum(-1)  # (n,)
+    if lengths.numel() == 0:
+        return model.compress_tensors(compressor_input_ids, compressor_attention_mask)
+    read = model.config.num_memory_tokens + int(model.rerank_head is not None)  # memory tokens, then RR, close a row
+    rows = lengths[:, None] - read + torch.arange(read, device=lengths.device)  # (n, read)
+    forward = _compiled_memory_rows[0] if model.compressor in _encoders_compiled else modernbert_memory_rows
+    hidden = forward(model.compressor, compressor_input_ids, compressor_attention_mask, rows)  # (n, read, hidden)
+    return model.read_compressed(hidden, torch.full_like(lengths, read))
+
+
 ELEMENTWISE_BLOCKS = ("RMSNorm", "MLP")  # class-name endings of transformers' decoder norms and feed-forwards
 ROTARY_FUNCTION = "apply_rotary_pos_emb"  # what a Llama-family attention calls, by name, from its modeling file
 _compiled_rotary = {}  # modeling file's name -> its rotary function compiled (one compilation per process)
@@ -838,10 +938,17 @@ def flex_attention_with_block_size(implementation: str) -> str:
 def compile_compressor(model) -> str:
     """torch.compile ScaleDown's compressor in place for serving; says what was compiled.
 
-    An encoder (ModernBERT: norms, GeGLU, rotary embeddings and masks between small matrix products) compiles whole;
-    an N-layers compressor runs through the query-sharing path with a KV cache, so it gets
-    `compile_elementwise_work`.
+    An encoder (ModernBERT: norms, GeGLU, rotary embeddings and masks between small matrix products) compiles whole,
+    and where `compress_batch` ends ModernBERT's pass on the memory rows, that pass is compiled whole too (each is
+    compiled on its first call); an N-layers compressor runs through the query-sharing path with a KV cache, so it
+    gets `compile_elementwise_work`.
     """
+    if reads_memory_rows_only(model):
+        if not _compiled_memory_rows:
+            _compiled_memory_rows.append(torch.compile(modernbert_memory_rows))
+        _encoders_compiled.add(model.compressor)
+        model.compressor.compile()  # the plain path too (`model.compress`)
+        return "the whole encoder, and its pass ending on the memory rows"
     if model.config.uses_encoder_compressor:
         model.compressor.compile()
         return "the whole encoder"
@@ -849,12 +956,15 @@ def compile_compressor(model) -> str:
 
 
 def compress_batch(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Compress a model-input batch; one holding `compressor_query_lengths` computes each question's prefix once."""
+    """Compress a model-input batch the fast way that is exact for its compressor: one holding
+    `compressor_query_lengths` computes each question's prefix once; a ModernBERT compressor runs its last layer on
+    the memory rows only."""
+    ids, mask = batch["compressor_input_ids"], batch["compressor_attention_mask"]
     if "compressor_query_lengths" in batch:
-        return compress_sharing_queries(
-            model, batch["compressor_input_ids"], batch["compressor_attention_mask"], batch["compressor_query_lengths"]
-        )
-    return model.compress_tensors(batch["compressor_input_ids"], batch["compressor_attention_mask"])
+        return compress_sharing_queries(model, ids, mask, batch["compressor_query_lengths"])
+    if reads_memory_rows_only(model):
+        return compress_reading_memory_rows(model, ids, mask)
+    return model.compress_tensors(ids, mask)
 
 
 @torch.no_grad()

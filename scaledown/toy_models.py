@@ -121,8 +121,10 @@ def build_encoder(
     num_layers: int = 2,
     num_heads: int = 4,
     seed: int = 0,
+    **config_overrides,
 ) -> str:
-    """Save a randomly initialised encoder (ModernBERT or BERT shape) and its tokenizer to `directory`."""
+    """Save a randomly initialised encoder (ModernBERT or BERT shape) and its tokenizer to `directory`;
+    `config_overrides` go to its config (ModernBERT's `local_attention`, say)."""
     import torch
     from transformers import AutoConfig
 
@@ -134,6 +136,7 @@ def build_encoder(
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         pad_token_id=tokenizer.pad_token_id,
+        **config_overrides,
     )
     if architecture == "modernbert":
         config = AutoConfig.for_model(

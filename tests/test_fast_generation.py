@@ -6,6 +6,7 @@ import torch
 from scaledown.evaluation.evaluate import tokenize_text_prompts
 from scaledown.fast_generation import FLEX_TILES_SUPPORTED, StaticGreedyGenerator, generate_compressed
 from scaledown.modeling_scaledown import text_prompt
+from scaledown.toy_models import build_encoder
 
 from conftest import DOCUMENTS, QUESTIONS
 
@@ -249,6 +250,43 @@ def test_shared_query_prefix_needs_a_causal_compressor(make_model, modernbert_di
         compress_sharing_queries(model, **batch)
 
 
+@pytest.fixture(scope="module")
+def narrow_window_modernberts(tmp_path_factory, encoder_tokenizer):
+    """Tiny ModernBERTs whose local layers see 4 positions either side, so that the window cuts the test rows:
+    2 layers end on a local one, 4 on a global one."""
+    root = tmp_path_factory.mktemp("narrow-modernbert")
+    return {
+        last: build_encoder(str(root / last), encoder_tokenizer, num_layers=layers, local_attention=8)
+        for last, layers in (("local", 2), ("global", 4))
+    }
+
+
+@pytest.mark.parametrize("last_layer", ["local", "global"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "flex_attention"])
+def test_modernbert_last_layer_on_memory_rows_equals_the_full_pass(
+    make_model, narrow_window_modernberts, last_layer, attention
+):
+    from scaledown.fast_generation import compress_batch, reads_memory_rows_only
+
+    encoder_path = narrow_window_modernberts[last_layer]
+    model = make_model(compressor_type="modernbert", compressor_name_or_path=encoder_path, enable_reranking=True)
+    if not reads_memory_rows_only(model):
+        pytest.skip("transformers 4's ModernBERT attention computes its own rotary embeddings: plain compression")
+    model.compressor.config._attn_implementation = attention
+    assert model.compressor.config.layer_types[-1] == f"{'full' if last_layer == 'global' else 'sliding'}_attention"
+    batch = model.input_builder(QUESTIONS, DOCUMENTS)
+    lengths = batch["compressor_attention_mask"].sum(-1)
+    assert lengths.min() < lengths.max() and lengths.min() > 2 * 4 + 1  # padded rows, longer than the window
+    with torch.no_grad():
+        expected, expected_scores = model.compress_tensors(
+            batch["compressor_input_ids"], batch["compressor_attention_mask"]
+        )
+    vectors, scores = compress_batch(model, batch)
+    assert vectors.shape == expected.shape == (4, 8, model.new_token_embeddings.embedding_dim)  # 4 documents in all
+    torch.testing.assert_close(vectors, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(scores, expected_scores, atol=1e-5, rtol=1e-4)
+
+
 def test_grouped_decode_attention_equals_repeated_heads():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -303,16 +341,20 @@ def restore_rotary(monkeypatch):
 
 @pytest.mark.parametrize("compressor", ["n_layers", "modernbert"])
 def test_compiled_compressor_gives_the_same_vectors(make_model, modernbert_dir, restore_rotary, compressor):
-    from scaledown.fast_generation import compile_compressor
+    from scaledown.fast_generation import compile_compressor, compress_batch, reads_memory_rows_only
 
     if compressor == "modernbert":
         model = make_model(compressor_type="modernbert", compressor_name_or_path=modernbert_dir, enable_reranking=True)
     else:
         model = make_model(enable_reranking=True)
     eager = model.compress(QUESTIONS[:2], DOCUMENTS[:2])
+    batch = model.input_builder(QUESTIONS[:2], DOCUMENTS[:2], return_query_lengths=compressor == "n_layers")
+    eager_fast = compress_batch(model, batch)  # the fast path's own way: query sharing, or memory rows
     names = list(model.state_dict())
     what = compile_compressor(model)
-    if compressor == "modernbert":
+    if compressor == "modernbert" and reads_memory_rows_only(model):
+        assert what == "the whole encoder, and its pass ending on the memory rows"
+    elif compressor == "modernbert":
         assert what == "the whole encoder"
     else:  # 2 layers, no final norm
         assert what == "6 norm and MLP blocks, rotary embedding of modeling_llama"
@@ -321,6 +363,8 @@ def test_compiled_compressor_gives_the_same_vectors(make_model, modernbert_dir, 
     for field in ("embeddings", "rerank_scores"):
         for before, after in zip(getattr(eager, field), getattr(compiled, field)):
             torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+    for before, after in zip(eager_fast, compress_batch(model, batch)):  # vectors, rerank scores
+        torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
 
 
 def test_compiled_generator_decodes_the_same_tokens(make_model, restore_rotary):

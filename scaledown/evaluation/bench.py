@@ -414,6 +414,12 @@ class CompressedSide:
 
     @torch.no_grad()
     def compress(self, batch: PreparedBatch):
+        """The compression `run` does: the fast path's (`compress_batch`) beside the static engine, the model's own
+        beside `generate`."""
+        if self.fast is None:
+            return self.model.compress_tensors(
+                batch.inputs["compressor_input_ids"], batch.inputs["compressor_attention_mask"]
+            )
         return compress_batch(self.model, batch.inputs)
 
 
