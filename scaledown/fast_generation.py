@@ -955,14 +955,22 @@ def compile_compressor(model) -> str:
     return compile_elementwise_work(model.compressor)
 
 
-def compress_batch(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Compress a model-input batch the fast way that is exact for its compressor: one holding
-    `compressor_query_lengths` computes each question's prefix once; a ModernBERT compressor runs its last layer on
-    the memory rows only."""
-    ids, mask = batch["compressor_input_ids"], batch["compressor_attention_mask"]
+def compression_path(model, batch: dict[str, torch.Tensor]) -> str:
+    """Which exact fast compression `compress_batch` takes for this model and batch: "shared query prefix" for a
+    batch holding `compressor_query_lengths` (N-layers compressors), "last layer on memory rows" for a ModernBERT
+    compressor (`reads_memory_rows_only`), else "whole compressor"."""
     if "compressor_query_lengths" in batch:
+        return "shared query prefix"
+    return "last layer on memory rows" if reads_memory_rows_only(model) else "whole compressor"
+
+
+def compress_batch(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Compress a model-input batch the fast way that is exact for its compressor (`compression_path`)."""
+    ids, mask = batch["compressor_input_ids"], batch["compressor_attention_mask"]
+    path = compression_path(model, batch)
+    if path == "shared query prefix":
         return compress_sharing_queries(model, ids, mask, batch["compressor_query_lengths"])
-    if reads_memory_rows_only(model):
+    if path == "last layer on memory rows":
         return compress_reading_memory_rows(model, ids, mask)
     return model.compress_tensors(ids, mask)
 

@@ -184,6 +184,7 @@ def test_bench_command_on_tiny_shapes(tmp_path):
         assert record["roofline_ms_per_query"] > 0 and 0 < record["roofline_fraction"]
     for record in results[2:]:
         assert record["compression_ms_per_query"] > 0
+        assert record["compression_path"] == "whole compressor"  # beside generate, the model's own compression
         tokens = record["compressor_tokens_per_document"]
         assert tokens["paper"] == 16 + 8 and tokens["honest"] > tokens["paper"] + 12  # the query is in the honest count
         assert record["tflops_per_query"]["honest"] > record["tflops_per_query"]["paper"]
@@ -281,6 +282,9 @@ def test_static_engine_bench_on_tiny_shapes(tmp_path):
     assert {r["compressor"] for r in compressed} == {"2l", "modernbert-base"}
     assert all(r["speedup"]["measured"] > 0 and r["compression_ms_per_query"] > 0 for r in compressed)
     assert all(r["shared_prefix_tokens"] == 0 for r in report["results"])  # 1 x prefix < SHARED_PREFIX_MIN_TOKENS
+    paths = {r["compressor"]: r["compression_path"] for r in report["results"]}
+    modernbert_rows = "last layer on memory rows" if FLEX_TILES_SUPPORTED else "whole compressor"  # transformers 5
+    assert paths == {None: None, "2l": "shared query prefix", "modernbert-base": modernbert_rows}
 
 
 @pytest.mark.parametrize("setting,suffix_kernel", [("1", "masked"), ("off", "auto")])

@@ -47,6 +47,7 @@ from ..fast_generation import (
     compile_compressor,
     compile_elementwise_work,
     compress_batch,
+    compression_path,
     flex_attention_with_block_size,
     generate_compressed,
     generate_compressed_overlapped,
@@ -413,6 +414,10 @@ class CompressedSide:
         return self.model.generate(**batch.inputs, min_new_tokens=tokens, max_new_tokens=tokens)
 
     @torch.no_grad()
+    def compression_path(self, batch: PreparedBatch) -> str:
+        """What `compress` runs (`fast_generation.compression_path` beside the static engine)."""
+        return "whole compressor" if self.fast is None else compression_path(self.model, batch.inputs)
+
     def compress(self, batch: PreparedBatch):
         """The compression `run` does: the fast path's (`compress_batch`) beside the static engine, the model's own
         beside `generate`."""
@@ -526,6 +531,7 @@ def measure(
         "decode_attention_kernel": side.fast.attention_kernel if side.fast is not None else None,
         "decode_attention_kernel_ms": side.fast.attention_kernel_ms if side.fast is not None else None,
         "shared_prefix_tokens": side.fast.last_shared_prefix if side.fast is not None else None,
+        "compression_path": side.compression_path(batch) if isinstance(side, CompressedSide) else None,
     }
     suffix_attention = side.fast.last_suffix_attention if side.fast is not None else None
     record["suffix_attention_kernel"], record["suffix_attention_kernel_ms"] = suffix_attention or (None, None)
