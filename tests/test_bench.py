@@ -308,6 +308,13 @@ def test_shared_prefix_flags_reach_both_sides(tmp_path, setting, suffix_kernel):
         assert kernels == {"uncompressed": "masked", "compressed": "masked"}  # prompts of equal length: no padding
 
 
+def test_prefill_last_layer_flag_reaches_the_engine():
+    default = bench.static_engine_options(bench.build_parser().parse_args([]))
+    whole = bench.static_engine_options(bench.build_parser().parse_args(["--prefill_last_layer", "every_position"]))
+    assert default["last_layer_on_last_position"] is True and whole["last_layer_on_last_position"] is False
+    assert StaticGreedyGenerator(torch.nn.Linear(2, 2), **whole).last_layer_on_last_position is False
+
+
 def test_compile_flag_compiles_the_shared_generator_once_and_each_compressor(tmp_path, monkeypatch):
     compiled = []
     monkeypatch.setattr(bench, "compile_elementwise_work", lambda module: compiled.append(type(module).__name__))

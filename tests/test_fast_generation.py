@@ -153,10 +153,9 @@ def test_shared_prefix_length_and_prefix_first_layout():
     assert torch.equal(laid_embeds, torch.nn.functional.one_hot(laid, 10).float())
 
 
-@pytest.mark.parametrize("arch,suffix_kernel", [("llama", "padded"), ("mistral", "masked"), ("qwen2", "auto")])
-def test_shared_prefix_prefill_decodes_as_the_plain_prefill(make_model, arch, suffix_kernel):
-    model = make_model(arch)
-    model.generator.float()  # float32: the split prefill must give the same logits, not only the same argmax
+def prompt_cases(model) -> list[dict]:
+    """Three batches of 3 prompts for the engine: left-padded text, text without padding whose first 7 tokens are
+    equal, and compressed prompts (input embeddings, left-padded)."""
     tokenizer = model.generator_tokenizer
     prompts = [text_prompt(tokenizer, q, docs) for q, docs in zip(QUESTIONS, DOCUMENTS)]
     padded = tokenize_text_prompts(tokenizer, prompts, model.device)
@@ -164,16 +163,22 @@ def test_shared_prefix_prefill_decodes_as_the_plain_prefill(make_model, arch, su
     seeded = torch.Generator().manual_seed(0)
     unpadded_ids = torch.randint(3, model.generator.config.vocab_size, (3, 20), generator=seeded)
     unpadded_ids[:, :7] = unpadded_ids[0, :7]
-    unpadded = {"input_ids": unpadded_ids, "attention_mask": torch.ones_like(unpadded_ids)}
     compressed = model.input_builder(QUESTIONS, DOCUMENTS)
     with torch.no_grad():
         vectors, _ = model.compress_tensors(compressed["compressor_input_ids"], compressed["compressor_attention_mask"])
-        embeds = model.embed_generator_inputs(compressed["input_ids"], vectors.float())
-    cases = [
+        embeds = model.embed_generator_inputs(compressed["input_ids"], vectors.to(model.generator.dtype))
+    return [
         dict(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]),
-        dict(**unpadded),
+        dict(input_ids=unpadded_ids, attention_mask=torch.ones_like(unpadded_ids)),
         dict(inputs_embeds=embeds, attention_mask=compressed["attention_mask"]),
     ]
+
+
+@pytest.mark.parametrize("arch,suffix_kernel", [("llama", "padded"), ("mistral", "masked"), ("qwen2", "auto")])
+def test_shared_prefix_prefill_decodes_as_the_plain_prefill(make_model, arch, suffix_kernel):
+    model = make_model(arch)
+    model.generator.float()  # float32: the split prefill must give the same logits, not only the same argmax
+    cases = prompt_cases(model)
     for implementation in ("sdpa", "eager"):
         model.generator.config._attn_implementation = implementation
         plain = StaticGreedyGenerator(model.generator, shared_prefix_min_tokens=None)
@@ -191,6 +196,56 @@ def test_shared_prefix_prefill_decodes_as_the_plain_prefill(make_model, arch, su
                 assert shared.last_suffix_attention is None
             assert torch.equal(got_ids, want_ids)
             torch.testing.assert_close(got_scores, want_scores, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_prefill_runs_the_last_layer_on_the_last_position_only(make_model, arch):
+    model = make_model(arch)
+    model.generator.float()  # float32: the same logits, not only the same argmax
+    mlp_calls = []  # (batch, positions) of each call of the last layer's MLP
+    last_layer = model.generator.get_decoder().layers[-1]
+    last_layer.mlp.register_forward_pre_hook(lambda module, args: mlp_calls.append(tuple(args[0].shape[:2])))
+
+    def run(engine, case):
+        mlp_calls.clear()
+        ids, scores = engine.generate(max_new_tokens=4, return_scores=True, **case)
+        return ids, scores, {positions for batch, positions in mlp_calls if batch == 3}  # the prefix runs as 1 row
+
+    # SDPA after a shared prefix (the suffix kernels on rows without padding), eager attention in the plain prefill
+    for implementation, shared_prefix in (("sdpa", 1), ("eager", None)):
+        model.generator.config._attn_implementation = implementation
+        options = dict(shared_prefix_min_tokens=shared_prefix)
+        whole = StaticGreedyGenerator(model.generator, last_layer_on_last_position=False, **options)
+        last = StaticGreedyGenerator(model.generator, **options)
+        for case in prompt_cases(model):
+            want_ids, want_scores, whole_positions = run(whole, case)
+            got_ids, got_scores, last_positions = run(last, case)
+            assert max(whole_positions) > 1 and last_positions == {1}
+            assert torch.equal(got_ids, want_ids)
+            torch.testing.assert_close(got_scores, want_scores, atol=1e-5, rtol=1e-5)
+
+
+def test_last_position_prefill_only_where_exact(make_model):
+    from scaledown.fast_generation import _last_layer_on_last_position
+
+    model = make_model("mistral")
+    mlp_positions = []
+    model.generator.get_decoder().layers[-1].mlp.register_forward_pre_hook(
+        lambda module, args: mlp_positions.append(args[0].shape[1])
+    )
+    ids = torch.randint(3, model.generator.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    for window, positions in ((None, 1), (8, 20)):  # a window shorter than the prompt: the cache would drop keys
+        model.generator.config.sliding_window = window
+        mlp_positions.clear()
+        with torch.no_grad(), _last_layer_on_last_position(model.generator) as engaged:
+            assert engaged
+            model.generator(input_ids=ids, use_cache=True, logits_to_keep=1)
+        assert mlp_positions == [positions]
+    model.generator.config._attn_implementation = "flex_attention"  # its block masks have no last row to take
+    with _last_layer_on_last_position(model.generator) as engaged:
+        assert not engaged
+    with _last_layer_on_last_position(torch.nn.Linear(2, 2)) as engaged:  # no decoder layers to find
+        assert not engaged
 
 
 def test_shared_prefix_only_where_it_pays():

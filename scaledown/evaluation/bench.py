@@ -793,6 +793,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="static engine: how the rest of each prompt attends after a shared prefix (auto: the faster of padded "
         "and masked, timed on each batch shape)",
     )
+    parser.add_argument(
+        "--prefill_last_layer",
+        default="last_position",
+        choices=("last_position", "every_position"),
+        help="static engine: run the generator's last layer in a prefill on the last position only (it still caches "
+        "every position's keys and values; exact) or on every position, both sides",
+    )
     parser.add_argument("--peak_tflops", type=float, default=None, help="override the detected dense bf16 peak")
     parser.add_argument("--peak_bandwidth_tbs", type=float, default=None, help="override the detected memory bandwidth")
     parser.add_argument("--seed", type=int, default=0)
@@ -806,6 +813,7 @@ def static_engine_options(args) -> dict:
         decode_attention_kernel=args.decode_attention_kernel,
         shared_prefix_min_tokens=args.shared_prefix_min_tokens,
         suffix_attention_kernel=args.suffix_attention_kernel,
+        last_layer_on_last_position=args.prefill_last_layer == "last_position",
     )
 
 
@@ -855,6 +863,7 @@ def _settings(
         "decode_attention_kernel": args.decode_attention_kernel,
         "shared_prefix_min_tokens": args.shared_prefix_min_tokens,
         "suffix_attention_kernel": args.suffix_attention_kernel,
+        "prefill_last_layer": args.prefill_last_layer,
         "hardware": asdict(hardware) if hardware is not None else None,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "notes": (
@@ -942,6 +951,7 @@ def run(args: argparse.Namespace) -> dict:
     stem += f"_decode-{args.decode_attention_kernel}" if args.decode_attention_kernel != DECODE_ATTENTION_KERNEL else ""
     stem += "_no-shared-prefix" if args.shared_prefix_min_tokens is None else ""
     stem += f"_suffix-{args.suffix_attention_kernel}" if args.suffix_attention_kernel != SUFFIX_ATTENTION_KERNEL else ""
+    stem += "_whole-last-layer" if args.prefill_last_layer == "every_position" else ""
     json_path, png_path = (os.path.join(args.output_dir, f"{stem}.{ext}") for ext in ("json", "png"))
     engine_options = static_engine_options(args)
     run_side = dict(
