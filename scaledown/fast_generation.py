@@ -321,21 +321,29 @@ def _window_shorter_than(config, length: int) -> bool:
     return window is not None and window < length
 
 
+# Generators whose last layer's keys are exactly rotary(k_proj(input_layernorm(h))) with the full rotary embedding,
+# as `_cache_earlier_keys_then_keep_last_position` computes them. Many layers look the same and differ there (key
+# norms, clipped projections, partial rotary, layers without rotary), so the list names model types, not shapes.
+LAST_POSITION_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
 def _last_position_layer(generator):
-    """The generator's last decoder layer where `_last_layer_on_last_position` can run it (a Llama-family layer:
-    input norm, attention with key and value projections and the rotary function of its modeling file, post-attention
-    norm, MLP; no per-head key norms), else None."""
-    decoder = generator.get_decoder() if hasattr(generator, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
-    if not layers:
+    """The generator's last decoder layer where `_last_layer_on_last_position` can run it (LAST_POSITION_MODEL_TYPES),
+    else None."""
+    config = getattr(generator, "config", None)
+    if getattr(config, "model_type", None) not in LAST_POSITION_MODEL_TYPES or not hasattr(generator, "get_decoder"):
         return None
-    layer = layers[-1]
-    attention = getattr(layer, "self_attn", None)
-    parts = all(hasattr(layer, name) for name in ("input_layernorm", "post_attention_layernorm", "mlp"))
-    projections = attention is not None and all(hasattr(attention, n) for n in ("k_proj", "v_proj", "layer_idx"))
-    if not (parts and projections) or hasattr(attention, "k_norm"):
-        return None
-    return layer if hasattr(sys.modules[type(attention).__module__], ROTARY_FUNCTION) else None
+    layers = getattr(generator.get_decoder(), "layers", None)
+    return layers[-1] if layers else None
+
+
+def _rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The Llama-family rotary embedding of `(batch, kv_heads, length, head_dim)` keys with `(1 or batch, length,
+    head_dim)` angles. Written out rather than through the modeling file's function, which rotates a query and a key
+    together and, compiled (`compile_elementwise_work`), would recompile for keys alone."""
+    half = keys.shape[-1] // 2
+    rotated = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)
+    return keys * cos[:, None] + rotated * sin[:, None]
 
 
 def _cache_earlier_keys_then_keep_last_position(layer, args, kwargs):
@@ -354,16 +362,16 @@ def _cache_earlier_keys_then_keep_last_position(layer, args, kwargs):
     keys_seen = cache.get_seq_length(attention.layer_idx) + hidden.shape[1]
     if _window_shorter_than(getattr(attention, "config", None), keys_seen):  # the cache would drop keys in between
         return None
-    earlier = layer.input_layernorm(hidden[:, :-1])  # (batch, length - 1, hidden)
+    # Shapes and layouts as every other layer's and decode step's, so that compiled norms and MLPs do not recompile:
+    # the norm over every position, then the earlier positions taken; the last position handed on contiguous.
+    earlier = layer.input_layernorm(hidden)[:, :-1]  # (batch, length - 1, hidden)
     shape = (*earlier.shape[:2], -1, attention.head_dim)
     keys = attention.k_proj(earlier).view(shape).transpose(1, 2)  # (batch, kv_heads, length - 1, head_dim)
     values = attention.v_proj(earlier).view(shape).transpose(1, 2)
     cos, sin = kwargs["position_embeddings"]  # each (1 or batch, length, head_dim)
-    rotary = getattr(sys.modules[type(attention).__module__], ROTARY_FUNCTION)  # looked up now: it may be compiled
-    _, keys = rotary(keys, keys, cos[:, :-1], sin[:, :-1])
-    cache.update(keys, values, attention.layer_idx)
+    cache.update(_rotate_keys(keys, cos[:, :-1], sin[:, :-1]), values, attention.layer_idx)
 
-    kwargs = dict(kwargs, position_embeddings=(cos[:, -1:], sin[:, -1:]))
+    kwargs = dict(kwargs, position_embeddings=(cos[:, -1:].contiguous(), sin[:, -1:].contiguous()))
     if kwargs.get("position_ids") is not None:
         kwargs["position_ids"] = kwargs["position_ids"][:, -1:]
     if kwargs.get("cache_position") is not None:
@@ -371,9 +379,10 @@ def _cache_earlier_keys_then_keep_last_position(layer, args, kwargs):
     mask = kwargs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 4:  # (batch or 1, 1, length, keys) -> the last query's row
         kwargs["attention_mask"] = mask[:, :, -1:]
+    last = hidden[:, -1:].contiguous()  # (batch, 1, hidden)
     if args:
-        return (hidden[:, -1:], *args[1:]), kwargs
-    return args, dict(kwargs, hidden_states=hidden[:, -1:])
+        return (last, *args[1:]), kwargs
+    return args, dict(kwargs, hidden_states=last)
 
 
 @contextlib.contextmanager
@@ -730,6 +739,14 @@ class StaticGreedyGenerator:
             raise ValueError("Give exactly one of input_ids and inputs_embeds.")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+        total = attention_mask.shape[1] + max_new_tokens
+        config = getattr(self.generator, "config", None)
+        if _window_shorter_than(config, total):
+            raise ValueError(
+                f"The generator attends within a sliding window of {config.sliding_window} positions, "
+                f"shorter than this call's prompt and answer ({total}); the static engine keeps every position's "
+                "keys. Use the model's own `generate` for it, or shorter prompts."
+            )
         key = self._key(attention_mask, max_new_tokens, eos_token_id, pad_token_id, return_scores)
         state = self._state_for(key)
         _, prompt_len, _, device, dtype, _, _ = key

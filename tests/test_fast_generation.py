@@ -244,6 +244,10 @@ def test_last_position_prefill_only_where_exact(make_model):
     model.generator.config._attn_implementation = "flex_attention"  # its block masks have no last row to take
     with _last_layer_on_last_position(model.generator) as engaged:
         assert not engaged
+    model.generator.config._attn_implementation = "sdpa"
+    model.generator.config.model_type = "olmo"  # Llama-shaped layers whose keys are clipped: not on the list
+    with _last_layer_on_last_position(model.generator) as engaged:
+        assert not engaged
     with _last_layer_on_last_position(torch.nn.Linear(2, 2)) as engaged:  # no decoder layers to find
         assert not engaged
 
@@ -265,11 +269,15 @@ def test_shared_prefix_only_where_it_pays():
 
 def test_bad_calls_raise():
     engine = StaticGreedyGenerator(torch.nn.Linear(2, 2))
+    engine.generator.config = type("Config", (), {"sliding_window": 4})()
     mask = torch.ones(1, 3, dtype=torch.long)
+    ids = torch.zeros(1, 3, dtype=torch.long)
     with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
         engine.generate(attention_mask=mask, max_new_tokens=2)
     with pytest.raises(ValueError, match="max_new_tokens"):
-        engine.generate(attention_mask=mask, max_new_tokens=0, input_ids=torch.zeros(1, 3, dtype=torch.long))
+        engine.generate(attention_mask=mask, max_new_tokens=0, input_ids=ids)
+    with pytest.raises(ValueError, match="sliding window of 4 positions, shorter than this call's prompt and answer"):
+        engine.generate(attention_mask=mask, max_new_tokens=2, input_ids=ids)
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
@@ -395,11 +403,12 @@ def restore_rotary(monkeypatch):
 
 
 @pytest.mark.parametrize("compressor", ["n_layers", "modernbert"])
-def test_compiled_compressor_gives_the_same_vectors(make_model, modernbert_dir, restore_rotary, compressor):
+def test_compiled_compressor_gives_the_same_vectors(make_model, narrow_window_modernberts, restore_rotary, compressor):
     from scaledown.fast_generation import compile_compressor, compress_batch, reads_memory_rows_only
 
-    if compressor == "modernbert":
-        model = make_model(compressor_type="modernbert", compressor_name_or_path=modernbert_dir, enable_reranking=True)
+    if compressor == "modernbert":  # its last layer local, with a window that cuts the rows
+        encoder = narrow_window_modernberts["local"]
+        model = make_model(compressor_type="modernbert", compressor_name_or_path=encoder, enable_reranking=True)
     else:
         model = make_model(enable_reranking=True)
     eager = model.compress(QUESTIONS[:2], DOCUMENTS[:2])

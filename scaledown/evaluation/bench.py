@@ -413,11 +413,11 @@ class CompressedSide:
             return generate_compressed(self.model, batch.inputs, self.fast, tokens, stop_at_eos=False)
         return self.model.generate(**batch.inputs, min_new_tokens=tokens, max_new_tokens=tokens)
 
-    @torch.no_grad()
     def compression_path(self, batch: PreparedBatch) -> str:
         """What `compress` runs (`fast_generation.compression_path` beside the static engine)."""
         return "whole compressor" if self.fast is None else compression_path(self.model, batch.inputs)
 
+    @torch.no_grad()
     def compress(self, batch: PreparedBatch):
         """The compression `run` does: the fast path's (`compress_batch`) beside the static engine, the model's own
         beside `generate`."""
