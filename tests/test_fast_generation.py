@@ -77,6 +77,7 @@ def test_prefill_graph_only_for_short_prompts_without_padding():
 def test_prefill_graph_decodes_as_the_eager_prefill(make_model, arch):
     generator = make_model(arch).generator.to("cuda")
     graphed, eager = StaticGreedyGenerator(generator), StaticGreedyGenerator(generator, prefill_graph_max_tokens=0)
+    whole = StaticGreedyGenerator(generator, prefill_graph_max_tokens=0, last_layer_on_last_position=False)
     mask = torch.ones(2, 24, dtype=torch.long, device="cuda")
     seeded = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, generator.config.vocab_size, (2, 24), generator=seeded).cuda() for _ in range(3)]
@@ -84,6 +85,7 @@ def test_prefill_graph_decodes_as_the_eager_prefill(make_model, arch):
     for ids in prompts:  # the first call captures the prefill, the next two replay it on new prompts
         answers.append(graphed.generate(mask, 8, input_ids=ids))
         assert torch.equal(answers[-1], eager.generate(mask, 8, input_ids=ids))
+        assert torch.equal(answers[-1], whole.generate(mask, 8, input_ids=ids))  # the last layer run at every position
     assert eager._state.prefill_graph is None
     if arch == "llama":
         assert isinstance(graphed._state.prefill_graph, torch.cuda.CUDAGraph)  # the replays above used it
