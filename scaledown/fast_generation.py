@@ -327,13 +327,17 @@ def _window_shorter_than(config, length: int) -> bool:
 LAST_POSITION_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
-def _last_position_layer(generator):
-    """The generator's last decoder layer where `_last_layer_on_last_position` can run it (LAST_POSITION_MODEL_TYPES),
-    else None."""
-    config = getattr(generator, "config", None)
-    if getattr(config, "model_type", None) not in LAST_POSITION_MODEL_TYPES or not hasattr(generator, "get_decoder"):
+def _last_position_layer(model):
+    """The last decoder layer of a generator or N-layers compressor where its keys can be completed ahead
+    (LAST_POSITION_MODEL_TYPES, under SDPA or eager attention, whose 4D masks give a query's row), else None."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in LAST_POSITION_MODEL_TYPES:
         return None
-    layers = getattr(generator.get_decoder(), "layers", None)
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return None
+    layers = getattr(model, "layers", None)
+    if layers is None and hasattr(model, "get_decoder"):
+        layers = getattr(model.get_decoder(), "layers", None)
     return layers[-1] if layers else None
 
 
@@ -385,14 +389,71 @@ def _cache_earlier_keys_then_keep_last_position(layer, args, kwargs):
     return args, dict(kwargs, hidden_states=last)
 
 
+class _CompletedKeys:
+    """Stands in for a layer's cache once its keys and values are complete: the layer's own `update` hands them back
+    instead of adding the positions it runs again."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.keys, self.values = keys, values  # (batch, kv_heads, keys, head_dim)
+
+    def update(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys, self.values
+
+
+def _keep_rows_of_last_layer(rows: torch.Tensor):
+    """A forward pre-hook for an N-layers compressor's last layer (`_last_position_layer`) that keeps `(batch, k)`
+    positions of its input: every position's keys and values go through the cache as usual, and the layer then runs
+    its query, attention, output product and MLP at those rows only, the ones ScaleDown reads."""
+
+    def keep_rows(layer, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]  # (batch, length, hidden)
+        keyword = "cache" if "cache" in kwargs else "past_key_values"
+        cache, attention = kwargs.get(keyword), layer.self_attn
+        batch, length = hidden.shape[:2]
+        normed = layer.input_layernorm(hidden)  # (batch, length, hidden), as every other layer's
+        shape = (batch, length, -1, attention.head_dim)
+        keys = attention.k_proj(normed).view(shape).transpose(1, 2)  # (batch, kv_heads, length, head_dim)
+        values = attention.v_proj(normed).view(shape).transpose(1, 2)
+        cos, sin = (angles.expand(batch, -1, -1) for angles in kwargs["position_embeddings"])  # (batch, length, hd)
+        keys = _rotate_keys(keys, cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.get_seq_length(attention.layer_idx)
+            keys, values = cache.update(keys, values, attention.layer_idx)  # (batch, kv_heads, past + length, hd)
+
+        def at_rows(states):  # (batch, length, d) -> (batch, k, d)
+            return states.gather(1, rows[..., None].expand(-1, -1, states.shape[-1]))
+
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor):  # (1 or batch, 1, length, keys): the kept queries' rows
+            mask = mask.expand(batch, -1, -1, -1)
+            mask = mask.gather(2, rows[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1]))
+        else:  # no padding anywhere: causal over the keys
+            slots = torch.arange(keys.shape[2], device=rows.device)
+            mask = slots[None, None, None, :] <= (past + rows)[:, None, :, None]  # (batch, 1, k, keys)
+            if attention.config._attn_implementation == "eager":
+                mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill(
+                    ~mask, torch.finfo(hidden.dtype).min
+                )
+        kwargs = dict(kwargs, attention_mask=mask, position_embeddings=(at_rows(cos), at_rows(sin)))
+        kwargs[keyword] = _CompletedKeys(keys, values)
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"].expand(batch, -1).gather(1, rows)
+        kept = at_rows(hidden)  # (batch, k, hidden)
+        if args:
+            return (kept, *args[1:]), kwargs
+        return args, dict(kwargs, hidden_states=kept)
+
+    return keep_rows
+
+
 @contextlib.contextmanager
 def _last_layer_on_last_position(generator, enabled: bool = True):
     """Within it, a prefill runs the generator's last layer on its last position only (`_last_position_layer`, under
     SDPA or eager attention, whose 4D masks give the last query's row; other generators and attentions, and `enabled`
     False, run unchanged). The last layer is one of 32 in a 7B model: a prefill loses about 3% of its work. Entered
     before any routing of SDPA (`_sdpa_routed_to`), which it reads."""
-    attention = getattr(getattr(generator, "config", None), "_attn_implementation", None)
-    layer = _last_position_layer(generator) if enabled and attention in ("sdpa", "eager") else None
+    layer = _last_position_layer(generator) if enabled else None
     handle = None
     if layer is not None:
         handle = layer.register_forward_pre_hook(_cache_earlier_keys_then_keep_last_position, with_kwargs=True)
@@ -845,14 +906,26 @@ def compress_sharing_queries(
     suffix_ids = ids.gather(1, positions.clamp(max=ids.shape[1] - 1)).masked_fill(
         ~in_suffix, model.input_builder.compressor_pad_id
     )
-    hidden = model.compressor(
-        input_ids=suffix_ids,
-        attention_mask=torch.cat([in_prefix, in_suffix], -1).long(),  # (rows, width + span); gaps are masked
-        position_ids=positions,
-        use_cache=True,
-        **{keyword: cache},
-    ).last_hidden_state  # (rows, span, compressor_hidden)
-    return model.read_compressed(hidden, suffix_lengths)
+    # The last layer runs on the rows ScaleDown reads only (the memory tokens and RR close each suffix).
+    read = model.config.num_memory_tokens + int(model.rerank_head is not None)
+    last_layer = _last_position_layer(model.compressor)
+    if last_layer is not None and _window_shorter_than(model.compressor.config, width + span):
+        last_layer = None
+    if last_layer is not None:
+        rows = suffix_lengths[:, None] - read + torch.arange(read, device=device)  # (rows, read)
+        hook = last_layer.register_forward_pre_hook(_keep_rows_of_last_layer(rows), with_kwargs=True)
+    try:
+        hidden = model.compressor(
+            input_ids=suffix_ids,
+            attention_mask=torch.cat([in_prefix, in_suffix], -1).long(),  # (rows, width + span); gaps are masked
+            position_ids=positions,
+            use_cache=True,
+            **{keyword: cache},
+        ).last_hidden_state  # (rows, read, compressor_hidden) with the hook, else (rows, span, compressor_hidden)
+    finally:
+        if last_layer is not None:
+            hook.remove()
+    return model.read_compressed(hidden, torch.full_like(suffix_lengths, read) if last_layer else suffix_lengths)
 
 
 def reads_memory_rows_only(model) -> bool:

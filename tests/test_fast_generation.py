@@ -290,13 +290,20 @@ def test_shared_query_prefix_compresses_exactly(make_model, arch):
     questions = ["Who wrote Hamlet and when?", "Where?", "Where?", "What is the capital of France?"]
     documents = [DOCUMENTS[0], ["Paris is on the Seine."], [], ["The fox jumps.", "Marie Curie was born in Warsaw."]]
     batch = model.input_builder.compressor_inputs(questions, documents, return_query_lengths=True)
-    expected, expected_scores = model.compress_tensors(
-        batch["compressor_input_ids"], batch["compressor_attention_mask"]
-    )
-    shared, scores = compress_sharing_queries(model, **batch)
-    assert shared.shape == expected.shape == (6, model.config.num_memory_tokens, model.new_token_embeddings.embedding_dim)
-    torch.testing.assert_close(shared, expected, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(scores, expected_scores, atol=1e-5, rtol=1e-4)
+    mlp_calls = []  # (rows, positions) of each call of the compressor's last MLP
+    model.compressor.layers[-1].mlp.register_forward_pre_hook(lambda module, a: mlp_calls.append(a[0].shape[:2]))
+    for implementation in ("sdpa", "eager"):
+        model.compressor.config._attn_implementation = implementation
+        expected, expected_scores = model.compress_tensors(
+            batch["compressor_input_ids"], batch["compressor_attention_mask"]
+        )
+        mlp_calls.clear()
+        shared, scores = compress_sharing_queries(model, **batch)
+        # the query prefix once per question (3 distinct), then the last layer at the 8 memory rows and RR alone
+        assert [tuple(call) for call in mlp_calls] == [(3, int(batch["compressor_query_lengths"].max())), (6, 9)]
+        assert shared.shape == expected.shape == (6, 8, model.new_token_embeddings.embedding_dim)
+        torch.testing.assert_close(shared, expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(scores, expected_scores, atol=1e-5, rtol=1e-4)
 
     plain = model.input_builder(questions, documents)
     expected_tokens = model.generate(**plain, max_new_tokens=6)
