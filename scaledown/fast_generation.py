@@ -873,8 +873,9 @@ def compress_sharing_queries(
 
     Under causal attention the prefix every row of a question starts with (special tokens, query marker, query)
     never sees the document, so its keys and values are the same in each of the question's rows: they are computed
-    once per question and reused by its documents, which then only run their own tokens. Exact up to float
-    reordering. Rows are question by question (consecutive rows with an identical prefix share it).
+    once per question and reused by its documents, which then only run their own tokens; the last layer runs on the
+    rows ScaleDown reads alone (`_keep_rows_of_last_layer`). Exact up to float reordering. Rows are question by
+    question (consecutive rows with an identical prefix share it).
     Inputs as built by `input_builder.compressor_inputs(..., return_query_lengths=True)`; returns what
     `compress_tensors` returns.
     """
