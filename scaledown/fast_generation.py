@@ -416,25 +416,20 @@ def _keep_rows_of_last_layer(rows: torch.Tensor):
         values = attention.v_proj(normed).view(shape).transpose(1, 2)
         cos, sin = (angles.expand(batch, -1, -1) for angles in kwargs["position_embeddings"])  # (batch, length, hd)
         keys = _rotate_keys(keys, cos, sin)
-        past = 0
         if cache is not None:
-            past = cache.get_seq_length(attention.layer_idx)
             keys, values = cache.update(keys, values, attention.layer_idx)  # (batch, kv_heads, past + length, hd)
 
         def at_rows(states):  # (batch, length, d) -> (batch, k, d)
             return states.gather(1, rows[..., None].expand(-1, -1, states.shape[-1]))
 
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor):  # (1 or batch, 1, length, keys): the kept queries' rows
-            mask = mask.expand(batch, -1, -1, -1)
-            mask = mask.gather(2, rows[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1]))
-        else:  # no padding anywhere: causal over the keys
-            slots = torch.arange(keys.shape[2], device=rows.device)
-            mask = slots[None, None, None, :] <= (past + rows)[:, None, :, None]  # (batch, 1, k, keys)
-            if attention.config._attn_implementation == "eager":
-                mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill(
-                    ~mask, torch.finfo(hidden.dtype).min
-                )
+        mask = kwargs.get("attention_mask")  # (1 or batch, 1, length, keys): SDPA and eager keep it, as the suffix
+        if not isinstance(mask, torch.Tensor):  # has fewer queries than keys; only its rows know the prefix's gaps
+            raise RuntimeError(
+                f"The compressor's last layer got no 4D attention mask under {attention.config._attn_implementation}; "
+                "reading its rows needs one. Compress with `model.compress_tensors` instead."
+            )
+        mask = mask.expand(batch, -1, -1, -1)
+        mask = mask.gather(2, rows[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1]))  # kept queries
         kwargs = dict(kwargs, attention_mask=mask, position_embeddings=(at_rows(cos), at_rows(sin)))
         kwargs[keyword] = _CompletedKeys(keys, values)
         if kwargs.get("position_ids") is not None:
@@ -907,11 +902,11 @@ def compress_sharing_queries(
     suffix_ids = ids.gather(1, positions.clamp(max=ids.shape[1] - 1)).masked_fill(
         ~in_suffix, model.input_builder.compressor_pad_id
     )
+    if _window_shorter_than(model.compressor.config, width + span):  # the window would count the prefix's gaps
+        return model.compress_tensors(compressor_input_ids, compressor_attention_mask)
     # The last layer runs on the rows ScaleDown reads only (the memory tokens and RR close each suffix).
     read = model.config.num_memory_tokens + int(model.rerank_head is not None)
     last_layer = _last_position_layer(model.compressor)
-    if last_layer is not None and _window_shorter_than(model.compressor.config, width + span):
-        last_layer = None
     if last_layer is not None:
         rows = suffix_lengths[:, None] - read + torch.arange(read, device=device)  # (rows, read)
         hook = last_layer.register_forward_pre_hook(_keep_rows_of_last_layer(rows), with_kwargs=True)
@@ -926,7 +921,9 @@ def compress_sharing_queries(
     finally:
         if last_layer is not None:
             hook.remove()
-    return model.read_compressed(hidden, torch.full_like(suffix_lengths, read) if last_layer else suffix_lengths)
+    return model.read_compressed(
+        hidden, suffix_lengths if last_layer is None else torch.full_like(suffix_lengths, read)
+    )
 
 
 def reads_memory_rows_only(model) -> bool:
