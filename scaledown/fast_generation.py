@@ -321,9 +321,9 @@ def _window_shorter_than(config, length: int) -> bool:
     return window is not None and window < length
 
 
-# Generators whose last layer's keys are exactly rotary(k_proj(input_layernorm(h))) with the full rotary embedding,
-# as `_cache_earlier_keys_then_keep_last_position` computes them. Many layers look the same and differ there (key
-# norms, clipped projections, partial rotary, layers without rotary), so the list names model types, not shapes.
+# Models whose last layer's keys are exactly rotary(k_proj(input_layernorm(h))) with the full rotary embedding, as
+# `_keep_rows_of_last_layer` computes them. Many layers look the same and differ there (key norms, clipped
+# projections, partial rotary, layers without rotary), so the list names model types, not shapes.
 LAST_POSITION_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
@@ -341,6 +341,18 @@ def _last_position_layer(model):
     return layers[-1] if layers else None
 
 
+def _gather_rows(states: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`(n, length, d)` states at `(n, k)` positions: `(n, k, d)`."""
+    return states.gather(1, rows[..., None].expand(-1, -1, states.shape[-1]))
+
+
+def _read_rows(model, lengths: torch.LongTensor) -> torch.LongTensor:
+    """The `(n, k)` positions ScaleDown reads of right-padded compressor rows of `lengths` real tokens: the memory
+    tokens, then RR, close each row."""
+    read = model.config.num_memory_tokens + int(model.rerank_head is not None)
+    return lengths[:, None] - read + torch.arange(read, device=lengths.device)
+
+
 def _rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The Llama-family rotary embedding of `(batch, kv_heads, length, head_dim)` keys with `(1 or batch, length,
     head_dim)` angles. Written out rather than through the modeling file's function, which rotates a query and a key
@@ -348,45 +360,6 @@ def _rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     half = keys.shape[-1] // 2
     rotated = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)
     return keys * cos[:, None] + rotated * sin[:, None]
-
-
-def _cache_earlier_keys_then_keep_last_position(layer, args, kwargs):
-    """Forward pre-hook of a prefill's last decoder layer: put the keys and values of every position but the last
-    into the cache, and hand the layer the last position alone.
-
-    The layer then runs as a decode step does (its query, attention over the whole cache, output product, MLP at
-    one position), which is all the prefill needs of it: the logits of the last position, and every position's keys
-    and values for the steps that follow. Exact under causal attention: the last position sees every key.
-    """
-    hidden = args[0] if args else kwargs["hidden_states"]  # (batch, length, hidden)
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if hidden.shape[1] < 2 or cache is None or kwargs.get("position_embeddings") is None:
-        return None
-    attention = layer.self_attn
-    keys_seen = cache.get_seq_length(attention.layer_idx) + hidden.shape[1]
-    if _window_shorter_than(getattr(attention, "config", None), keys_seen):  # the cache would drop keys in between
-        return None
-    # Shapes and layouts as every other layer's and decode step's, so that compiled norms and MLPs do not recompile:
-    # the norm over every position, then the earlier positions taken; the last position handed on contiguous.
-    earlier = layer.input_layernorm(hidden)[:, :-1]  # (batch, length - 1, hidden)
-    shape = (*earlier.shape[:2], -1, attention.head_dim)
-    keys = attention.k_proj(earlier).view(shape).transpose(1, 2)  # (batch, kv_heads, length - 1, head_dim)
-    values = attention.v_proj(earlier).view(shape).transpose(1, 2)
-    cos, sin = kwargs["position_embeddings"]  # each (1 or batch, length, head_dim)
-    cache.update(_rotate_keys(keys, cos[:, :-1], sin[:, :-1]), values, attention.layer_idx)
-
-    kwargs = dict(kwargs, position_embeddings=(cos[:, -1:].contiguous(), sin[:, -1:].contiguous()))
-    if kwargs.get("position_ids") is not None:
-        kwargs["position_ids"] = kwargs["position_ids"][:, -1:]
-    if kwargs.get("cache_position") is not None:
-        kwargs["cache_position"] = kwargs["cache_position"][-1:]
-    mask = kwargs.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and mask.dim() == 4:  # (batch or 1, 1, length, keys) -> the last query's row
-        kwargs["attention_mask"] = mask[:, :, -1:]
-    last = hidden[:, -1:].contiguous()  # (batch, 1, hidden)
-    if args:
-        return (last, *args[1:]), kwargs
-    return args, dict(kwargs, hidden_states=last)
 
 
 class _CompletedKeys:
@@ -400,17 +373,30 @@ class _CompletedKeys:
         return self.keys, self.values
 
 
-def _keep_rows_of_last_layer(rows: torch.Tensor):
-    """A forward pre-hook for an N-layers compressor's last layer (`_last_position_layer`) that keeps `(batch, k)`
-    positions of its input: every position's keys and values go through the cache as usual, and the layer then runs
-    its query, attention, output product and MLP at those rows only, the ones ScaleDown reads."""
+def _keep_rows_of_last_layer(rows: torch.Tensor | None):
+    """A forward pre-hook for a last decoder layer (`_last_position_layer`) that keeps `(batch, k)` positions of its
+    input, or with `rows` None its last position: every position's keys and values go through the cache as usual,
+    and the layer then runs its query, attention, output product and MLP at those rows only, the ones read (a
+    prefill's next-token logits, a compressor's memory rows and RR). Exact: the kept rows see the keys they saw.
+
+    Its norm, and what it hands the layer, have the layouts of every other layer's and of a decode step's, so that
+    compiled norms and MLPs (`compile_elementwise_work`) do not recompile. With `rows` None it steps aside where a
+    sliding window shorter than the keys would drop some from the cache (the last position's output is read either
+    way); explicit rows are the caller's to keep within the window.
+    """
 
     def keep_rows(layer, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]  # (batch, length, hidden)
-        keyword = "cache" if "cache" in kwargs else "past_key_values"
+        keyword = cache_keyword(layer)
         cache, attention = kwargs.get(keyword), layer.self_attn
         batch, length = hidden.shape[:2]
-        normed = layer.input_layernorm(hidden)  # (batch, length, hidden), as every other layer's
+        past = cache.get_seq_length(attention.layer_idx) if cache is not None else 0
+        kept_rows = rows
+        if kept_rows is None:
+            if _window_shorter_than(getattr(attention, "config", None), past + length):
+                return None
+            kept_rows = torch.full((batch, 1), length - 1, device=hidden.device)
+        normed = layer.input_layernorm(hidden)  # (batch, length, hidden)
         shape = (batch, length, -1, attention.head_dim)
         keys = attention.k_proj(normed).view(shape).transpose(1, 2)  # (batch, kv_heads, length, head_dim)
         values = attention.v_proj(normed).view(shape).transpose(1, 2)
@@ -419,22 +405,23 @@ def _keep_rows_of_last_layer(rows: torch.Tensor):
         if cache is not None:
             keys, values = cache.update(keys, values, attention.layer_idx)  # (batch, kv_heads, past + length, hd)
 
-        def at_rows(states):  # (batch, length, d) -> (batch, k, d)
-            return states.gather(1, rows[..., None].expand(-1, -1, states.shape[-1]))
-
-        mask = kwargs.get("attention_mask")  # (1 or batch, 1, length, keys): SDPA and eager keep it, as the suffix
-        if not isinstance(mask, torch.Tensor):  # has fewer queries than keys; only its rows know the prefix's gaps
-            raise RuntimeError(
-                f"The compressor's last layer got no 4D attention mask under {attention.config._attn_implementation}; "
-                "reading its rows needs one. Compress with `model.compress_tensors` instead."
-            )
-        mask = mask.expand(batch, -1, -1, -1)
-        mask = mask.gather(2, rows[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1]))  # kept queries
-        kwargs = dict(kwargs, attention_mask=mask, position_embeddings=(at_rows(cos), at_rows(sin)))
+        mask = kwargs.get("attention_mask")  # (1 or batch, 1, length, keys), or None
+        if mask is None:  # transformers found nothing to mask (no padding, no gaps): causal over the keys
+            slots = torch.arange(keys.shape[2], device=hidden.device)
+            mask = slots[None, None, None, :] <= (past + kept_rows)[:, None, :, None]  # (batch, 1, k, keys)
+            if attention.config._attn_implementation == "eager":  # eager adds its mask to the scores
+                mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill(
+                    ~mask, torch.finfo(hidden.dtype).min
+                )
+        else:  # the kept queries' rows
+            mask = mask.expand(batch, -1, -1, -1)
+            mask = mask.gather(2, kept_rows[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1]))
+        kwargs = dict(kwargs, attention_mask=mask)
+        kwargs["position_embeddings"] = (_gather_rows(cos, kept_rows), _gather_rows(sin, kept_rows))
         kwargs[keyword] = _CompletedKeys(keys, values)
         if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = kwargs["position_ids"].expand(batch, -1).gather(1, rows)
-        kept = at_rows(hidden)  # (batch, k, hidden)
+            kwargs["position_ids"] = kwargs["position_ids"].expand(batch, -1).gather(1, kept_rows)
+        kept = _gather_rows(hidden, kept_rows)  # (batch, k, hidden)
         if args:
             return (kept, *args[1:]), kwargs
         return args, dict(kwargs, hidden_states=kept)
@@ -443,20 +430,25 @@ def _keep_rows_of_last_layer(rows: torch.Tensor):
 
 
 @contextlib.contextmanager
-def _last_layer_on_last_position(generator, enabled: bool = True):
-    """Within it, a prefill runs the generator's last layer on its last position only (`_last_position_layer`, under
-    SDPA or eager attention, whose 4D masks give the last query's row; other generators and attentions, and `enabled`
-    False, run unchanged). The last layer is one of 32 in a 7B model: a prefill loses about 3% of its work. Entered
-    before any routing of SDPA (`_sdpa_routed_to`), which it reads."""
-    layer = _last_position_layer(generator) if enabled else None
+def _last_layer_on_rows(model, rows: torch.Tensor | None, enabled: bool = True):
+    """Within it, `model`'s last layer runs on `rows` only (`_keep_rows_of_last_layer`; None: the last position)
+    where `_last_position_layer` finds one; other models, and `enabled` False, run unchanged. Yields whether it
+    does. Entered before any routing of SDPA (`_sdpa_routed_to`), which it reads."""
+    layer = _last_position_layer(model) if enabled else None
     handle = None
     if layer is not None:
-        handle = layer.register_forward_pre_hook(_cache_earlier_keys_then_keep_last_position, with_kwargs=True)
+        handle = layer.register_forward_pre_hook(_keep_rows_of_last_layer(rows), with_kwargs=True)
     try:
         yield layer is not None
     finally:
         if handle is not None:
             handle.remove()
+
+
+def _last_layer_on_last_position(generator, enabled: bool = True):
+    """A prefill's last layer on its last position only: it needs of that layer the next token's logits and every
+    position's keys and values. The last layer is one of 32 in a 7B model: a prefill loses about 3% of its work."""
+    return _last_layer_on_rows(generator, None, enabled)
 
 
 @dataclass
@@ -869,7 +861,7 @@ def compress_sharing_queries(
     Under causal attention the prefix every row of a question starts with (special tokens, query marker, query)
     never sees the document, so its keys and values are the same in each of the question's rows: they are computed
     once per question and reused by its documents, which then only run their own tokens; the last layer runs on the
-    rows ScaleDown reads alone (`_keep_rows_of_last_layer`). Exact up to float reordering. Rows are question by
+    rows ScaleDown reads alone (`_last_layer_on_rows`). Exact up to float reordering. Rows are question by
     question (consecutive rows with an identical prefix share it).
     Inputs as built by `input_builder.compressor_inputs(..., return_query_lengths=True)`; returns what
     `compress_tensors` returns.
@@ -904,26 +896,17 @@ def compress_sharing_queries(
     )
     if _window_shorter_than(model.compressor.config, width + span):  # the window would count the prefix's gaps
         return model.compress_tensors(compressor_input_ids, compressor_attention_mask)
-    # The last layer runs on the rows ScaleDown reads only (the memory tokens and RR close each suffix).
-    read = model.config.num_memory_tokens + int(model.rerank_head is not None)
-    last_layer = _last_position_layer(model.compressor)
-    if last_layer is not None:
-        rows = suffix_lengths[:, None] - read + torch.arange(read, device=device)  # (rows, read)
-        hook = last_layer.register_forward_pre_hook(_keep_rows_of_last_layer(rows), with_kwargs=True)
-    try:
+    read_rows = _read_rows(model, suffix_lengths)  # (rows, read)
+    with _last_layer_on_rows(model.compressor, read_rows) as rows_only:
         hidden = model.compressor(
             input_ids=suffix_ids,
             attention_mask=torch.cat([in_prefix, in_suffix], -1).long(),  # (rows, width + span); gaps are masked
             position_ids=positions,
             use_cache=True,
             **{keyword: cache},
-        ).last_hidden_state  # (rows, read, compressor_hidden) with the hook, else (rows, span, compressor_hidden)
-    finally:
-        if last_layer is not None:
-            hook.remove()
-    return model.read_compressed(
-        hidden, suffix_lengths if last_layer is None else torch.full_like(suffix_lengths, read)
-    )
+        ).last_hidden_state  # (rows, read, compressor_hidden) where rows_only, else (rows, span, compressor_hidden)
+    read_lengths = torch.full_like(suffix_lengths, read_rows.shape[1]) if rows_only else suffix_lengths
+    return model.read_compressed(hidden, read_lengths)
 
 
 def reads_memory_rows_only(model) -> bool:
@@ -957,10 +940,7 @@ def _modernbert_layer_on_rows(layer, hidden, cos_sin, attention_mask, rows, slid
     attention = layer.attn
     (n, length, width), k, head_dim = hidden.shape, rows.shape[1], attention.head_dim
     heads = width // head_dim
-
-    def at_rows(states):  # (n, length, d) -> (n, k, d)
-        return states.gather(1, rows[..., None].expand(-1, -1, states.shape[-1]))
-
+    at_rows = functools.partial(_gather_rows, rows=rows)  # (n, length, d) -> (n, k, d)
     normed = layer.attn_norm(hidden)  # (n, length, hidden)
     weight, bias = attention.Wqkv.weight, attention.Wqkv.bias  # output features: queries, keys, values
     query = F.linear(at_rows(normed), weight[:width], None if bias is None else bias[:width])  # (n, k, hidden)
@@ -1004,7 +984,12 @@ def modernbert_memory_rows(encoder, input_ids, attention_mask, rows) -> torch.Te
 
 
 _encoders_compiled = weakref.WeakSet()  # encoders whose memory-rows pass `compile_compressor` compiled
-_compiled_memory_rows = []  # `modernbert_memory_rows` compiled, once per process (its guards tell encoders apart)
+
+
+@functools.cache
+def _compiled_memory_rows():
+    """`modernbert_memory_rows` compiled, once per process (its guards tell encoders apart)."""
+    return torch.compile(modernbert_memory_rows)
 
 
 @torch.no_grad()
@@ -1018,11 +1003,10 @@ def compress_reading_memory_rows(
     lengths = compressor_attention_mask.sum(-1)  # (n,)
     if lengths.numel() == 0:
         return model.compress_tensors(compressor_input_ids, compressor_attention_mask)
-    read = model.config.num_memory_tokens + int(model.rerank_head is not None)  # memory tokens, then RR, close a row
-    rows = lengths[:, None] - read + torch.arange(read, device=lengths.device)  # (n, read)
-    forward = _compiled_memory_rows[0] if model.compressor in _encoders_compiled else modernbert_memory_rows
+    rows = _read_rows(model, lengths)  # (n, read)
+    forward = _compiled_memory_rows() if model.compressor in _encoders_compiled else modernbert_memory_rows
     hidden = forward(model.compressor, compressor_input_ids, compressor_attention_mask, rows)  # (n, read, hidden)
-    return model.read_compressed(hidden, torch.full_like(lengths, read))
+    return model.read_compressed(hidden, torch.full_like(lengths, rows.shape[1]))
 
 
 ELEMENTWISE_BLOCKS = ("RMSNorm", "MLP")  # class-name endings of transformers' decoder norms and feed-forwards
@@ -1120,8 +1104,6 @@ def compile_compressor(model) -> str:
     gets `compile_elementwise_work`.
     """
     if reads_memory_rows_only(model):
-        if not _compiled_memory_rows:
-            _compiled_memory_rows.append(torch.compile(modernbert_memory_rows))
         _encoders_compiled.add(model.compressor)
         model.compressor.compile()  # the plain path too (`model.compress`)
         return "the whole encoder, and its pass ending on the memory rows"
