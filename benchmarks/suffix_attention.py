@@ -7,9 +7,9 @@ A case is batch x prompt length x shared prefix length. With the prefix prefille
 which is not the square causal attention of a whole prompt. This times the candidates alone at the bench's shapes,
 each checked against a float32 reference on two rows (max |error|; a large one means the wrong alignment), beside the
 whole prompt's square causal attention (`square`, what the prefill without sharing runs):
-- `padded` and `masked`: the engine's two kernels (`causal_suffix_attention`): queries padded in front to the square
-  kernel, or SDPA under the boolean lower-right mask with cuDNN first (`engine` and `cudnn-mask` in results before the
-  engine had both);
+- `padded`, `padded-bshd` and `masked`: the engine's kernels (`causal_suffix_attention`): queries padded in front to
+  the square kernel in the heads-major layout or in the query projection's own, or SDPA under the boolean lower-right
+  mask with cuDNN first (`engine` and `cudnn-mask` in results before the engine had more than one);
 - `bias`: grouped heads repeated, SDPA with a lower-right causal bias (the engine's first version);
 - `flex`: flex attention with a lower-right causal block mask, grouped heads read in place (compiled per shape);
 - `cudnn`: SDPA's is_causal on cuDNN with grouped heads (top-left alignment: wrong, timing only);
@@ -17,6 +17,8 @@ whole prompt's square causal attention (`square`, what the prefill without shari
 - `flash`: FlashAttention-2's own causal mask through ATen's flash operator, grouped heads read in place.
 SDPA's public call refuses flash and memory-efficient attention for grouped heads with is_causal here ("No available
 kernel"); FlashAttention-2 itself aligns a causal mask with fewer queries than keys to the last key.
+Queries are the transposed views transformers' attention receives (`(batch, length, heads, head_dim)` in memory), for
+the candidates and for `square` alike; results before December 2026 timed contiguous `(batch, heads, ...)` queries.
 """
 
 import argparse
@@ -117,7 +119,7 @@ def main() -> None:
     device, dtype = torch.device("cuda"), torch.bfloat16
     scaling = shape.head_dim**-0.5
     print(f"{torch.cuda.get_device_name()}, {args.shape}: {shape.num_heads} heads, {shape.num_kv_heads} kv heads")
-    print(f"{'case':>14}  {'kernel':>7}  {'ms a layer':>10}  {'max |error|':>11}")
+    print(f"{'case':>14}  {'kernel':>11}  {'ms a layer':>10}  {'max |error|':>11}")
     for case in args.cases.split(","):
         batch, length, prefix = (int(n) for n in case.split("x"))
         rest = length - prefix
@@ -126,13 +128,16 @@ def main() -> None:
         def normal(*size):
             return torch.randn(*size, generator=seeded).to(device=device, dtype=dtype)
 
-        query = normal(batch, shape.num_heads, rest, shape.head_dim)
+        query = normal(batch, rest, shape.num_heads, shape.head_dim).transpose(1, 2)  # as transformers hands it over
         slots = length + args.answer_slots
         key, value = (normal(batch, shape.num_kv_heads, slots, shape.head_dim)[:, :, :length] for _ in range(2))
         want = reference(query[:2], key[:2], value[:2], scaling)
         flex = lower_right_flex(rest, length, device)
         candidates = {
             "padded": lambda q, k, v: causal_suffix_attention(None, q, k, v, None, scaling=scaling)[0],
+            "padded-bshd": lambda q, k, v: causal_suffix_attention(
+                None, q, k, v, None, scaling=scaling, kernel="padded-bshd"
+            )[0],
             "masked": lambda q, k, v: causal_suffix_attention(
                 None, q, k, v, lower_right_allowed(rest, length, device)[None, None], scaling=scaling, kernel="masked"
             )[0],
@@ -152,14 +157,14 @@ def main() -> None:
                 error = (attend(query[:2], key[:2], value[:2]).float() - want).abs().max().item()
                 ms = median_ms(lambda: attend(query, key, value), device, repeats=10)
             except RuntimeError as failure:
-                print(f"{case:>14}  {name:>7}  fails: {str(failure).splitlines()[0][:100]}")
+                print(f"{case:>14}  {name:>11}  fails: {str(failure).splitlines()[0][:100]}")
                 continue
-            print(f"{case:>14}  {name:>7}  {ms:10.3f}  {error:11.4f}")
-        whole = normal(batch, shape.num_heads, length, shape.head_dim)
+            print(f"{case:>14}  {name:>11}  {ms:10.3f}  {error:11.4f}")
+        whole = normal(batch, length, shape.num_heads, shape.head_dim).transpose(1, 2)
         ms = median_ms(
             lambda: F.scaled_dot_product_attention(whole, key, value, is_causal=True, enable_gqa=True), device, 10
         )
-        print(f"{case:>14}  {'square':>7}  {ms:10.3f}  {'-':>11}")
+        print(f"{case:>14}  {'square':>11}  {ms:10.3f}  {'-':>11}")
         del query, key, value, whole
         torch.cuda.empty_cache()
 

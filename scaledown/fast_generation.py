@@ -45,19 +45,24 @@ DECODE_ATTENTION_KERNEL = "auto"
 # at batch 1 the prefill's time is its kernel launches, not its arithmetic (benchmarks/NOTES.md).
 PREFILL_GRAPH_MAX_TOKENS = 2048
 # The shared prefix is prefilled apart when the prompt tokens this spares, (batch - 1) x prefix length, reach this
-# many: below it the extra forward pass's launches cost about what its arithmetic saves (benchmarks/NOTES.md).
-SHARED_PREFIX_MIN_TOKENS = 2048
+# many. The extra pass costs about one read of the weights and the padded remainder's attention; each spared token
+# saves a token's share of the prefill's matrix products. For a 7B generator on an H100 or H200 that breaks even at a
+# few hundred tokens (benchmarks/NOTES.md); 512 lets ModernBERT's side share at batch 32 (992 tokens) and not at 16.
+SHARED_PREFIX_MIN_TOKENS = 512
 # ... and when the prefix is at least this part of the prompt: the remainder's attention costs in proportion to the
 # whole prompt ("padded" pads its queries back to the prompt's length). On an H100 (benchmarks/NOTES.md) a 35-token
 # prefix of 1,474 (2.4%) made the uncompressed side 0.65% slower at batch 96, a 32-token prefix of 254 (12.6%) made
 # ModernBERT's compressed side 4.6% faster at 512.
 SHARED_PREFIX_MIN_FRACTION = 0.05
 # How a shared prefix's remainder attends to the prompt's keys (causal, aligned to the last key): "padded" pads its
-# queries in front to the whole prompt's square causal kernel, "masked" runs SDPA under the remainder's explicit mask
-# with grouped heads read in place, cuDNN's kernel first on CUDA. Alone on an H100 (benchmarks/NOTES.md) "masked" took
-# 2.26 ms a layer at 512 x 254 against 3.08, but 0.337 against 0.248 at 32: the default, "auto", times both on each
-# new shape before its prefill and keeps the faster; off CUDA it is "padded".
-SUFFIX_ATTENTION_KERNELS = ("padded", "masked")
+# queries in front to the whole prompt's square causal kernel, in the (batch, heads, length, head_dim) layout;
+# "padded-bshd" does the same in the layout the query projection wrote, (batch, length, heads, head_dim), so that both
+# of its copies are plain row copies; "masked" runs SDPA under the remainder's explicit mask with grouped heads read in
+# place, cuDNN's kernel first on CUDA. Alone, "masked" took 2.26 ms a layer against "padded"'s 3.08 at 512 x 254 on an
+# H100, but lost at 32 x 254 there and at every shape on an H200, where "padded" took 5.6 ms a layer at 1,024 x 254
+# against 2.0 for the square kernel over the same prompt (benchmarks/NOTES.md). The default, "auto", times all three
+# on each new shape before its prefill and keeps the fastest; off CUDA it is "padded".
+SUFFIX_ATTENTION_KERNELS = ("padded", "padded-bshd", "masked")
 SUFFIX_ATTENTION_KERNEL = "auto"
 
 
@@ -158,7 +163,10 @@ def causal_suffix_attention(
     causal mask is aligned to the last key (query i sits at slot prompt_len - rest + i). No fused SDPA kernel takes
     that alignment from `is_causal` with grouped heads, so `kernel` (one of SUFFIX_ATTENTION_KERNELS) is either
     - "padded": the queries padded in front with zeros to the prompt's length through the whole prompt's square
-      causal kernel, whose padded rows are dropped (attention_mask is not read); or
+      causal kernel, whose padded rows are dropped (attention_mask is not read);
+    - "padded-bshd": the same, padded in `(batch, prompt_len, heads, head_dim)`, the layout whose transpose transformers
+      hands over: the padding copies whole rows and the output's rows are a view (transformers' reshape copies them
+      once); or
     - "masked": SDPA under attention_mask, the engine's `(1 or batch, 1, rest, prompt_len)` boolean, with grouped heads
       read in place, cuDNN's kernel first on CUDA.
     On an H100 (`benchmarks/suffix_attention.py`) "padded" took 3.0 ms a layer at 512 x 254 and 5.7 at 96 x 1,474,
@@ -182,6 +190,14 @@ def causal_suffix_attention(
                 query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=grouped
             )  # (batch, heads, rest, head_dim)
         return output.transpose(1, 2).contiguous(), None
+    if kernel == "padded-bshd":
+        padded = query.new_empty(batch, length, heads, head_dim)  # (batch, prompt_len, heads, head_dim)
+        padded[:, : length - rest].zero_()
+        padded[:, length - rest :] = query.transpose(1, 2)
+        output = F.scaled_dot_product_attention(
+            padded.transpose(1, 2), key, value, is_causal=True, scale=scaling, enable_gqa=grouped
+        )  # (batch, heads, prompt_len, head_dim), laid out as the query is by the fused kernels
+        return output.transpose(1, 2)[:, length - rest :], None
     padded = torch.cat([query.new_zeros(batch, heads, length - rest, head_dim), query], dim=2)  # (batch, heads, len, d)
     output = F.scaled_dot_product_attention(
         padded, key, value, is_causal=True, scale=scaling, enable_gqa=grouped
@@ -608,7 +624,7 @@ class StaticGreedyGenerator:
     def _choose_suffix_kernel(
         self, state: _DecodeState, batch: int, allowed: torch.Tensor, prefix_keys: torch.Tensor
     ) -> tuple[str, dict | None]:
-        """The configured remainder attention kernel, or for "auto" on CUDA the faster of SUFFIX_ATTENTION_KERNELS at
+        """The configured remainder attention kernel, or for "auto" on CUDA the fastest of SUFFIX_ATTENTION_KERNELS at
         this shape, timed once per state and prefix length on random inputs as large as one layer's.
 
         allowed: the remainder's mask `(1, 1, rest, prompt_len)`; prefix_keys: the prefix's first-layer keys
@@ -621,7 +637,9 @@ class StaticGreedyGenerator:
         if prefix_len not in state.suffix_kernels:
             like = dict(dtype=prefix_keys.dtype, device=prefix_keys.device)
             rest, prompt_len = allowed.shape[-2:]
-            query = torch.randn(batch, self.generator.config.num_attention_heads, rest, head_dim, **like)
+            heads = self.generator.config.num_attention_heads
+            # (batch, heads, rest, head_dim) as a transposed view, the layout transformers' attention receives
+            query = torch.randn(batch, rest, heads, head_dim, **like).transpose(1, 2)
             key, value = (torch.randn(batch, kv_heads, prompt_len, head_dim, **like) for _ in range(2))
             measured = {
                 kernel: cuda_milliseconds(

@@ -45,12 +45,14 @@ def test_unknown_engine_attention_kernels():
 
 
 @pytest.mark.parametrize("kv_heads", [2, 4])  # grouped and plain heads
-def test_suffix_attention_kernels_agree_with_a_reference(kv_heads):
+@pytest.mark.parametrize("transposed", [False, True])  # a contiguous query, and transformers' transposed view
+def test_suffix_attention_kernels_agree_with_a_reference(kv_heads, transposed):
     from scaledown.fast_generation import SUFFIX_ATTENTION_KERNELS, causal_suffix_attention
 
     batch, heads, length, prefix, head_dim = 2, 4, 9, 3, 8
     seeded = torch.Generator().manual_seed(0)
     query = torch.randn(batch, heads, length - prefix, head_dim, generator=seeded)
+    query = query.transpose(1, 2).contiguous().transpose(1, 2) if transposed else query
     key, value = (torch.randn(batch, kv_heads, length, head_dim, generator=seeded) for _ in range(2))
     slots = torch.arange(length)
     allowed = slots[None, :] <= slots[prefix:, None]  # (rest, length): query i sits at slot prefix + i
@@ -176,7 +178,9 @@ def prompt_cases(model) -> list[dict]:
     ]
 
 
-@pytest.mark.parametrize("arch,suffix_kernel", [("llama", "padded"), ("mistral", "masked"), ("qwen2", "auto")])
+@pytest.mark.parametrize(
+    "arch,suffix_kernel", [("llama", "padded"), ("mistral", "masked"), ("qwen2", "auto"), ("llama", "padded-bshd")]
+)
 def test_shared_prefix_prefill_decodes_as_the_plain_prefill(make_model, arch, suffix_kernel):
     model = make_model(arch)
     model.generator.float()  # float32: the split prefill must give the same logits, not only the same argmax
