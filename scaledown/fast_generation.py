@@ -196,7 +196,7 @@ def causal_suffix_attention(
         padded[:, length - rest :] = query.transpose(1, 2)
         output = F.scaled_dot_product_attention(
             padded.transpose(1, 2), key, value, is_causal=True, scale=scaling, enable_gqa=grouped
-        )  # (batch, heads, prompt_len, head_dim), laid out as the query is by the fused kernels
+        )  # (batch, heads, prompt_len, head_dim); fused kernels write it in the query's layout: the slice is a view
         return output.transpose(1, 2)[:, length - rest :], None
     padded = torch.cat([query.new_zeros(batch, heads, length - rest, head_dim), query], dim=2)  # (batch, heads, len, d)
     output = F.scaled_dot_product_attention(

@@ -273,6 +273,17 @@ def test_shared_prefix_only_where_it_pays():
     assert engine._prefix_to_share(ids, mask, total_len=20) == 0
 
 
+@pytest.mark.parametrize("batch,shared", [(32, 32), (16, 0), (2, 0)])
+def test_default_sharing_at_the_compressed_prompt_shape(batch, shared):
+    """The bench's compressed prompt: 254 tokens opening with 32 shared ones. By default batch 32 spares 31 x 32 tokens
+    and shares; batch 16 spares 480, under SHARED_PREFIX_MIN_TOKENS."""
+    engine = StaticGreedyGenerator(torch.nn.Linear(2, 2))
+    engine.generator.config = type("Config", (), {"_attn_implementation": "sdpa"})()
+    opening = torch.arange(32).expand(batch, -1)
+    ids = torch.cat([opening, torch.arange(batch)[:, None] + 100, torch.zeros(batch, 221, dtype=torch.long)], dim=1)
+    assert engine._prefix_to_share(ids, torch.ones_like(ids), total_len=286) == shared
+
+
 def test_bad_calls_raise():
     engine = StaticGreedyGenerator(torch.nn.Linear(2, 2))
     engine.generator.config = type("Config", (), {"sliding_window": 4})()
