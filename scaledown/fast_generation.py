@@ -56,8 +56,8 @@ SHARED_PREFIX_MIN_TOKENS = 512
 SHARED_PREFIX_MIN_FRACTION = 0.05
 # How a shared prefix's remainder attends to the prompt's keys (causal, aligned to the last key): "padded" pads its
 # queries in front to the whole prompt's square causal kernel, in the (batch, heads, length, head_dim) layout;
-# "padded-bshd" does the same in the layout the query projection wrote, (batch, length, heads, head_dim), so that both
-# of its copies are plain row copies; "masked" runs SDPA under the remainder's explicit mask with grouped heads read in
+# "padded-bshd" does the same in the layout the query projection wrote, (batch, length, heads, head_dim), so that its
+# input and output copies move whole rows; "masked" runs SDPA under the remainder's explicit mask with grouped heads read in
 # place, cuDNN's kernel first on CUDA. Alone, "masked" took 2.26 ms a layer against "padded"'s 3.08 at 512 x 254 on an
 # H100, but lost at 32 x 254 there and at every shape on an H200, where "padded" took 5.6 ms a layer at 1,024 x 254
 # against 2.0 for the square kernel over the same prompt (benchmarks/NOTES.md). The default, "auto", times all three
@@ -165,8 +165,7 @@ def causal_suffix_attention(
     - "padded": the queries padded in front with zeros to the prompt's length through the whole prompt's square
       causal kernel, whose padded rows are dropped (attention_mask is not read);
     - "padded-bshd": the same, padded in `(batch, prompt_len, heads, head_dim)`, the layout whose transpose transformers
-      hands over: the padding copies whole rows and the output's rows are a view (transformers' reshape copies them
-      once); or
+      hands over, so that the padding and the output's copy move whole rows; or
     - "masked": SDPA under attention_mask, the engine's `(1 or batch, 1, rest, prompt_len)` boolean, with grouped heads
       read in place, cuDNN's kernel first on CUDA.
     On an H100 (`benchmarks/suffix_attention.py`) "padded" took 3.0 ms a layer at 512 x 254 and 5.7 at 96 x 1,474,
@@ -196,8 +195,10 @@ def causal_suffix_attention(
         padded[:, length - rest :] = query.transpose(1, 2)
         output = F.scaled_dot_product_attention(
             padded.transpose(1, 2), key, value, is_causal=True, scale=scaling, enable_gqa=grouped
-        )  # (batch, heads, prompt_len, head_dim); fused kernels write it in the query's layout: the slice is a view
-        return output.transpose(1, 2)[:, length - rest :], None
+        )  # (batch, heads, prompt_len, head_dim), which the fused kernels lay out as the query
+        # Contiguous, as every attention function returns: some families `.view` it. transformers' own `.contiguous()`
+        # after the reshape is then free, so the output is still copied once, here in whole rows.
+        return output.transpose(1, 2)[:, length - rest :].contiguous(), None
     padded = torch.cat([query.new_zeros(batch, heads, length - rest, head_dim), query], dim=2)  # (batch, heads, len, d)
     output = F.scaled_dot_product_attention(
         padded, key, value, is_causal=True, scale=scaling, enable_gqa=grouped
@@ -693,6 +694,17 @@ class StaticGreedyGenerator:
             layer.keys = layer.values = None  # release the prompt's copy as soon as it is in the static cache
         self._emit(state, prefill.logits[:, -1], eos_token_id, pad_token_id)  # logits: (batch, 1, vocab)
 
+    def _prefill_route(self, state, prompt, attention_mask, use_graph: bool, total_len: int) -> tuple[bool, int]:
+        """Whether this call replays the prefill graph, and the shared prefix length to prefill apart (0: none).
+
+        A prompt the graph would take never shares, also where its capture failed (`state.prefill_graph` False), so
+        that every call of a shape runs the same prefill and gives the same bf16 answers.
+        """
+        graph_sized = use_graph and self._prefill_fits_graph(attention_mask)
+        if graph_sized:
+            return state.prefill_graph is not False, 0
+        return False, self._prefix_to_share(prompt, attention_mask, total_len)
+
     def _prefix_to_share(self, prompt: torch.Tensor, attention_mask: torch.Tensor, total_len: int) -> int:
         """The shared prefix length `_prefill_sharing_prefix` should take, or 0 where sharing is off, would not pay
         (SHARED_PREFIX_MIN_TOKENS, SHARED_PREFIX_MIN_FRACTION) or would not be exact: the remainder's 4D mask knows
@@ -818,9 +830,8 @@ class StaticGreedyGenerator:
         _, prompt_len, _, device, dtype, _, _ = key
         use_graph = self.use_cuda_graph if self.use_cuda_graph is not None else device.type == "cuda"
         prompt = input_ids if input_ids is not None else inputs_embeds
-        graphed_prefill = use_graph and state.prefill_graph is not False and self._prefill_fits_graph(attention_mask)
         total_len = prompt_len + max_new_tokens
-        prefix_len = 0 if graphed_prefill else self._prefix_to_share(prompt, attention_mask, total_len)
+        graphed_prefill, prefix_len = self._prefill_route(state, prompt, attention_mask, use_graph, total_len)
         padded = bool(prefix_len) and not bool(attention_mask.all())  # the layout keeps the padding, moved
         if padded:
             prompt, attention_mask = prefix_first_layout(prompt, attention_mask, prefix_len)

@@ -61,7 +61,7 @@ def test_suffix_attention_kernels_agree_with_a_reference(kv_heads, transposed):
     want = (scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ repeated_value).transpose(1, 2)
     for kernel in SUFFIX_ATTENTION_KERNELS:
         got, _ = causal_suffix_attention(None, query, key, value, allowed[None, None], kernel=kernel)
-        assert got.shape == (batch, length - prefix, heads, head_dim)
+        assert got.shape == (batch, length - prefix, heads, head_dim) and got.is_contiguous()  # some families .view it
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="needs the remainder's mask"):
         causal_suffix_attention(None, query, key, value, None, kernel="masked")
@@ -179,7 +179,7 @@ def prompt_cases(model) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    "arch,suffix_kernel", [("llama", "padded"), ("mistral", "masked"), ("qwen2", "auto"), ("llama", "padded-bshd")]
+    "arch,suffix_kernel", [("llama", "padded"), ("mistral", "masked"), ("qwen2", "auto"), ("qwen2", "padded-bshd")]
 )
 def test_shared_prefix_prefill_decodes_as_the_plain_prefill(make_model, arch, suffix_kernel):
     model = make_model(arch)
@@ -271,6 +271,22 @@ def test_shared_prefix_only_where_it_pays():
     assert engine._prefix_to_share(ids, mask, total_len=20) == 6
     engine.generator.config.sliding_window = 16  # the remainder's mask would ignore a window the answer passes
     assert engine._prefix_to_share(ids, mask, total_len=20) == 0
+
+
+def test_a_prompt_the_prefill_graph_takes_never_shares():
+    """Captured or not: where capture failed, every call of the shape still runs the same (plain) prefill."""
+    from types import SimpleNamespace
+
+    engine = StaticGreedyGenerator(torch.nn.Linear(2, 2), shared_prefix_min_tokens=1, prefill_graph_max_tokens=64)
+    engine.generator.config = type("Config", (), {"_attn_implementation": "sdpa"})()
+    ids = torch.cat([torch.arange(6).expand(4, -1), torch.arange(4)[:, None] + 10], dim=1)  # (4, 7): 6 shared
+    mask = torch.ones_like(ids)
+    for captured, graphed in ((None, True), (False, False)):  # not yet captured; capture failed
+        route = engine._prefill_route(SimpleNamespace(prefill_graph=captured), ids, mask, True, total_len=12)
+        assert route == (graphed, 0)
+    assert engine._prefill_route(SimpleNamespace(prefill_graph=None), ids, mask, False, total_len=12) == (False, 6)
+    engine.prefill_graph_max_tokens = 8  # 28 tokens: too large for the graph, so it shares
+    assert engine._prefill_route(SimpleNamespace(prefill_graph=None), ids, mask, True, total_len=12) == (False, 6)
 
 
 @pytest.mark.parametrize("batch,shared", [(32, 32), (16, 0), (2, 0)])

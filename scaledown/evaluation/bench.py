@@ -790,8 +790,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--suffix_attention_kernel",
         default=SUFFIX_ATTENTION_KERNEL,
         choices=("auto",) + SUFFIX_ATTENTION_KERNELS,
-        help="static engine: how the rest of each prompt attends after a shared prefix (auto: the faster of padded "
-        "and masked, timed on each batch shape)",
+        help="static engine: how the rest of each prompt attends after a shared prefix (auto: the fastest of "
+        f"{', '.join(SUFFIX_ATTENTION_KERNELS)}, timed on each batch shape)",
     )
     parser.add_argument(
         "--prefill_last_layer",
