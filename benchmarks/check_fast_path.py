@@ -104,9 +104,10 @@ def main() -> None:
     if args.float32_reference:
         float32 = {name: float32_reference(module, generate) for name, (module, generate) in run_plain.items()}
     if args.compile:
-        print(f"generator: compiled {compile_elementwise_work(generator)}")
+        mode = bench.compile_mode(args)
+        print(f"generator: compiled {compile_elementwise_work(generator, mode)}")
         for name, model in models.items():
-            print(f"{name} compressor: compiled {compile_compressor(model)}")
+            print(f"{name} compressor: compiled {compile_compressor(model, mode)}")
 
     # --shared_prefix_min_tokens 1 sends small batches through the shared-prefix prefill too
     options = bench.static_engine_options(args)

@@ -47,7 +47,7 @@ def main() -> None:
     _, generator, tokenizer, system_prompt, _, _, protocol = bench._load_models(args, device, dtype, print)
     shape = TransformerShape.from_config(generator.config)
     if args.compile:  # what the bench's --compile does to the generator
-        print(f"compiled {compile_elementwise_work(generator)}", flush=True)
+        print(f"compiled {compile_elementwise_work(generator, bench.compile_mode(args))}", flush=True)
     batch_sizes = [int(b) for b in args.phase_batch_sizes.split(",")]
     questions, documents = bench.synthetic_requests(tokenizer, protocol, max(batch_sizes), seed=args.seed)
     engine = StaticGreedyGenerator(generator, decode_attention_kernel=args.decode_attention_kernel)

@@ -57,11 +57,11 @@ SHARED_PREFIX_MIN_FRACTION = 0.05
 # How a shared prefix's remainder attends to the prompt's keys (causal, aligned to the last key): "padded" pads its
 # queries in front to the whole prompt's square causal kernel, in the (batch, heads, length, head_dim) layout;
 # "padded-bshd" does the same in the layout the query projection wrote, (batch, length, heads, head_dim), so that its
-# input and output copies move whole rows; "masked" runs SDPA under the remainder's explicit mask with grouped heads read in
-# place, cuDNN's kernel first on CUDA. Alone, "masked" took 2.26 ms a layer against "padded"'s 3.08 at 512 x 254 on an
-# H100, but lost at 32 x 254 there and at every shape on an H200, where "padded" took 5.6 ms a layer at 1,024 x 254
-# against 2.0 for the square kernel over the same prompt (benchmarks/NOTES.md). The default, "auto", times all three
-# on each new shape before its prefill and keeps the fastest; off CUDA it is "padded".
+# input and output copies move whole rows; "masked" runs SDPA under the remainder's explicit mask with grouped heads
+# read in place, cuDNN's kernel first on CUDA. Alone, "masked" took 2.26 ms a layer against "padded"'s 3.08 at
+# 512 x 254 on an H100, but lost at 32 x 254 there and at every shape on an H200, where "padded" took 5.6 ms a layer
+# at 1,024 x 254 against 2.0 for the square kernel over the same prompt (benchmarks/NOTES.md). The default, "auto",
+# times all three on each new shape before its prefill and keeps the fastest; off CUDA it is "padded".
 SUFFIX_ATTENTION_KERNELS = ("padded", "padded-bshd", "masked")
 SUFFIX_ATTENTION_KERNEL = "auto"
 
@@ -1043,7 +1043,7 @@ ROTARY_FUNCTION = "apply_rotary_pos_emb"  # what a Llama-family attention calls,
 _compiled_rotary = {}  # modeling file's name -> its rotary function compiled (one compilation per process)
 
 
-def compile_elementwise_work(module: torch.nn.Module) -> str:
+def compile_elementwise_work(module: torch.nn.Module, mode: str | None = None) -> str:
     """torch.compile in place the element-wise work of a Llama-family decoder; says what was compiled.
 
     Eager mode runs an RMSNorm as about eight kernels (casts, power, mean, rsqrt, products), the MLP's activation and
@@ -1056,10 +1056,13 @@ def compile_elementwise_work(module: torch.nn.Module) -> str:
       it is replaced there by its compiled form: every model of that family in this process gets it (same values).
     - Attention stays eager: its KV-cache update reads the layer's index, which torch.compile treats as a
       constant, so a compiled attention (or decoder layer) would compile once per layer.
+    - `mode` is torch.compile's for the norm and MLP blocks (None: its default, the MLP's products on cuBLAS).
+      "max-autotune-no-cudagraphs" times inductor's Triton products against cuBLAS for each product shape and keeps
+      the faster: minutes more compilation, for the decode's skinny products (a few rows against each weight).
     """
     blocks = [block for block in module.modules() if type(block).__name__.endswith(ELEMENTWISE_BLOCKS)]
     for block in blocks:
-        block.compile()
+        block.compile(mode=mode)
     families = {
         sys.modules[type(block).__module__]
         for block in module.modules()
@@ -1124,13 +1127,13 @@ def flex_attention_with_block_size(implementation: str) -> str:
     return implementation
 
 
-def compile_compressor(model) -> str:
+def compile_compressor(model, mode: str | None = None) -> str:
     """torch.compile ScaleDown's compressor in place for serving; says what was compiled.
 
     An encoder (ModernBERT: norms, GeGLU, rotary embeddings and masks between small matrix products) compiles whole,
     and where `compress_batch` ends ModernBERT's pass on the memory rows, that pass is compiled whole too (each is
     compiled on its first call); an N-layers compressor runs through the query-sharing path with a KV cache, so it
-    gets `compile_elementwise_work`.
+    gets `compile_elementwise_work` with `mode` (the generator's mode: its blocks share their classes' code).
     """
     if reads_memory_rows_only(model):
         _encoders_compiled.add(model.compressor)
@@ -1139,7 +1142,7 @@ def compile_compressor(model) -> str:
     if model.config.uses_encoder_compressor:
         model.compressor.compile()
         return "the whole encoder"
-    return compile_elementwise_work(model.compressor)
+    return compile_elementwise_work(model.compressor, mode=mode)
 
 
 def compression_path(model, batch: dict[str, torch.Tensor]) -> str:

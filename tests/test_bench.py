@@ -315,17 +315,23 @@ def test_prefill_last_layer_flag_reaches_the_engine():
     assert StaticGreedyGenerator(torch.nn.Linear(2, 2), **whole).last_layer_on_last_position is False
 
 
-def test_compile_flag_compiles_the_shared_generator_once_and_each_compressor(tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["default", "max-autotune-no-cudagraphs"])
+def test_compile_flag_compiles_the_shared_generator_once_and_each_compressor(tmp_path, monkeypatch, mode):
     compiled = []
-    monkeypatch.setattr(bench, "compile_elementwise_work", lambda module: compiled.append(type(module).__name__))
-    monkeypatch.setattr(bench, "compile_compressor", lambda model: compiled.append(model.config.compressor_type))
+    record = compiled.append
+    monkeypatch.setattr(bench, "compile_elementwise_work", lambda module, m: record((type(module).__name__, m)))
+    monkeypatch.setattr(bench, "compile_compressor", lambda model, m: record((model.config.compressor_type, m)))
     argv = ["--shape", "tiny", "--compressor", "2l,modernbert-base", "--batch_sizes", "1", "--engine", "static",
             "--query_tokens", "8", "--document_tokens", "8", "--num_documents", "1", "--new_tokens", "2",
-            "--repeats", "1", "--warmup", "0", "--device", "cpu", "--compile", "--output_dir", str(tmp_path)]  # fmt: skip
+            "--repeats", "1", "--warmup", "0", "--device", "cpu", "--compile", "--compile_mode", mode,
+            "--output_dir", str(tmp_path)]  # fmt: skip
     assert bench.main(argv) == 0
-    assert compiled[1:] == ["n_layers", "encoder"] and compiled[0].endswith("ForCausalLM")
-    report = json.loads((tmp_path / "bench_tiny_2l-modernbert-base_static_compiled.json").read_text())
-    assert report["settings"]["compile"] is True
+    passed = None if mode == "default" else mode  # torch.compile's own default
+    assert [name for name, _ in compiled[1:]] == ["n_layers", "encoder"] and compiled[0][0].endswith("ForCausalLM")
+    assert {m for _, m in compiled} == {passed}
+    stem = "bench_tiny_2l-modernbert-base_static_compiled" + ("" if mode == "default" else "-max-autotune")
+    report = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert report["settings"]["compile"] is True and report["settings"]["compile_mode"] == mode
 
 
 def test_encoder_attention_flag_reaches_encoder_compressors_only(tmp_path):

@@ -546,3 +546,14 @@ def test_flex_attention_block_size_rejects_other_names():
     for name in bad_names:
         with pytest.raises(ValueError, match="flex_attention_block64x32"):
             flex_attention_with_block_size(name)
+
+
+def test_compile_mode_reaches_every_norm_and_mlp_block(make_model, monkeypatch):
+    from scaledown.fast_generation import compile_elementwise_work
+
+    modes = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **options: modes.append(options.get("mode")))
+    generator = make_model("llama").generator
+    compile_elementwise_work(generator, mode="max-autotune-no-cudagraphs")
+    layers = len(generator.get_decoder().layers)
+    assert modes == ["max-autotune-no-cudagraphs"] * len(modes) and len(modes) == 3 * layers + 1  # 2 norms + MLP, final

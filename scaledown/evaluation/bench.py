@@ -140,6 +140,8 @@ ENCODER_SHAPES = {
 }
 ENCODER_COMPRESSORS = ("modernbert-base",)
 DEFAULT_COMPRESSORS = "5l,8l,10l,modernbert-base"
+# torch.compile modes for --compile_mode ("default": torch.compile's own, the matrix products left to cuBLAS)
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 BATCH_CANDIDATES = (1024, 768, 640, 512, 384, 256, 192, 128, 96, 64, 48, 32, 24, 16, 12, 8, 4, 2, 1)  # tried from the top
 
 # Words of the synthetic queries and documents; with the bench's word-level tokenizer each word is one token.
@@ -765,6 +767,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.compile the generator's norms, MLPs and rotary embedding (both sides) and each compressor",
     )
     parser.add_argument(
+        "--compile_mode",
+        default="default",
+        choices=COMPILE_MODES,
+        help="with --compile: torch.compile's mode for the norm and MLP blocks of the generator and of N-layers "
+        "compressors; max-autotune-no-cudagraphs also times Triton matrix products against cuBLAS per shape",
+    )
+    parser.add_argument(
         "--overlap_batches",
         type=int,
         default=1,
@@ -805,6 +814,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", default="bench_results")
     return parser
+
+
+def compile_mode(args) -> str | None:
+    """torch.compile's mode for `compile_elementwise_work` and `compile_compressor` (None: its default)."""
+    return None if args.compile_mode == "default" else args.compile_mode
 
 
 def static_engine_options(args) -> dict:
@@ -859,6 +873,7 @@ def _settings(
             "static": "scaledown.fast_generation (greedy, static KV cache, CUDA-graph decode, no EOS stop)",
         }[args.engine],
         "compile": args.compile,
+        "compile_mode": args.compile_mode if args.compile else None,
         "overlap_batches": args.overlap_batches,
         "decode_attention_kernel": args.decode_attention_kernel,
         "shared_prefix_min_tokens": args.shared_prefix_min_tokens,
@@ -946,6 +961,7 @@ def run(args: argparse.Namespace) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
     stem = f"bench_{'checkpoint' if args.checkpoint else args.shape}_{'-'.join(compressor_names)}_{args.engine}"
     stem += "_compiled" if args.compile else ""
+    stem += "-max-autotune" if args.compile and args.compile_mode != "default" else ""
     stem += f"_encoder-{args.encoder_attn_implementation}" if args.encoder_attn_implementation else ""
     stem += f"_overlap{args.overlap_batches}" if args.overlap_batches > 1 else ""
     stem += f"_decode-{args.decode_attention_kernel}" if args.decode_attention_kernel != DECODE_ATTENTION_KERNEL else ""
@@ -966,7 +982,7 @@ def run(args: argparse.Namespace) -> dict:
     )
 
     if args.compile:  # the generator is shared, so both sides run the same compiled blocks
-        log(f"generator: compiled {compile_elementwise_work(generator)} (warm-up runs compile)")
+        log(f"generator: compiled {compile_elementwise_work(generator, compile_mode(args))} (warm-up runs compile)")
     # The uncompressed side runs first with only the generator in memory (a checkpoint's compressor waits on the CPU),
     # so that its peak memory and largest batch are not charged for weights it does not use.
     if model is not None:
@@ -993,7 +1009,7 @@ def run(args: argparse.Namespace) -> dict:
             scaledown = model
         set_encoder_attention(scaledown, args.encoder_attn_implementation)
         if args.compile:
-            log(f"{name} compressor: compiled {compile_compressor(scaledown)}")
+            log(f"{name} compressor: compiled {compile_compressor(scaledown, compile_mode(args))}")
         side = CompressedSide(
             name, scaledown, protocol, dtype_bytes, args.engine, args.overlap_batches, engine_options
         )
