@@ -475,3 +475,27 @@ def test_split_decode_rewind_decodes_the_same_tokens_again(make_model):
     for _ in range(5):  # what the decode graph's replays run
         engine._decode_step(state, eos_token_id=None, pad_token_id=0, dtype=dtype)
     assert torch.equal(state.output, first)
+
+
+def test_goal_table_lists_every_run_and_marks_misses(tmp_path, capsys):
+    script = _benchmark_script("goal_table")
+
+    def result(compressor, batch, size, share, ratio=None):
+        speedup = None if ratio is None else {"fraction_of_roofline": ratio}
+        return dict(compressor=compressor, batch=batch, batch_size=size, roofline_fraction=share, speedup=speedup)
+
+    first = {"results": [result(None, "max", 192, 0.63), result("modernbert-base", "32", 32, 0.55, 0.884),
+                         result("modernbert-base", "max", 1024, 0.592, 0.94)]}  # fmt: skip
+    second = {"results": [result(None, "max", 192, 0.634), result("5l", "max", 384, 0.867, 1.368)]}
+    paths = []
+    for index, report in enumerate((first, second)):
+        paths.append(tmp_path / f"bench_{index}.json")
+        paths[-1].write_text(json.dumps(report))
+    script.main([str(path) for path in paths])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "| uncompressed | - | - | - (192) | 0.630, 0.634 |"  # uncompressed first, both runs
+    assert lines[3] == "| modernbert-base | - | **0.884** | 0.940 (1024) | **0.592** |"
+    assert lines[4] == "| 5l | - | - | 1.368 (384) | 0.867 |"
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(SystemExit, match="not a scaledown-bench report"):
+        script.main([str(tmp_path / "other.json")])
