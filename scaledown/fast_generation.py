@@ -817,12 +817,12 @@ class StaticGreedyGenerator:
             raise ValueError("Give exactly one of input_ids and inputs_embeds.")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
-        total = attention_mask.shape[1] + max_new_tokens
+        total_len = attention_mask.shape[1] + max_new_tokens  # prompt and answer: the static cache's slots
         config = getattr(self.generator, "config", None)
-        if _window_shorter_than(config, total):
+        if _window_shorter_than(config, total_len):
             raise ValueError(
                 f"The generator attends within a sliding window of {config.sliding_window} positions, "
-                f"shorter than this call's prompt and answer ({total}); the static engine keeps every position's "
+                f"shorter than this call's prompt and answer ({total_len}); the static engine keeps every position's "
                 "keys. Use the model's own `generate` for it, or shorter prompts."
             )
         key = self._key(attention_mask, max_new_tokens, eos_token_id, pad_token_id, return_scores)
@@ -830,7 +830,6 @@ class StaticGreedyGenerator:
         _, prompt_len, _, device, dtype, _, _ = key
         use_graph = self.use_cuda_graph if self.use_cuda_graph is not None else device.type == "cuda"
         prompt = input_ids if input_ids is not None else inputs_embeds
-        total_len = prompt_len + max_new_tokens
         graphed_prefill, prefix_len = self._prefill_route(state, prompt, attention_mask, use_graph, total_len)
         padded = bool(prefix_len) and not bool(attention_mask.all())  # the layout keeps the padding, moved
         if padded:
@@ -1135,14 +1134,13 @@ def compile_compressor(model, mode: str | None = None) -> str:
     compiled on its first call); an N-layers compressor runs through the query-sharing path with a KV cache, so it
     gets `compile_elementwise_work` with `mode` (the generator's mode: its blocks share their classes' code).
     """
-    if reads_memory_rows_only(model):
-        _encoders_compiled.add(model.compressor)
-        model.compressor.compile()  # the plain path too (`model.compress`)
-        return "the whole encoder, and its pass ending on the memory rows"
-    if model.config.uses_encoder_compressor:
-        model.compressor.compile()
+    if not model.config.uses_encoder_compressor:
+        return compile_elementwise_work(model.compressor, mode=mode)
+    model.compressor.compile()  # for the memory-rows pass too, the plain path (`model.compress`)
+    if not reads_memory_rows_only(model):
         return "the whole encoder"
-    return compile_elementwise_work(model.compressor, mode=mode)
+    _encoders_compiled.add(model.compressor)
+    return "the whole encoder, and its pass ending on the memory rows"
 
 
 def compression_path(model, batch: dict[str, torch.Tensor]) -> str:

@@ -258,9 +258,15 @@ def test_last_position_prefill_only_where_exact(make_model):
         assert not engaged
 
 
-def test_shared_prefix_only_where_it_pays():
-    engine = StaticGreedyGenerator(torch.nn.Linear(2, 2), shared_prefix_min_tokens=12)
+def _engine_without_a_model(**options) -> StaticGreedyGenerator:
+    """An engine whose routing decisions can be asked without running a model: an SDPA config and nothing else."""
+    engine = StaticGreedyGenerator(torch.nn.Linear(2, 2), **options)
     engine.generator.config = type("Config", (), {"_attn_implementation": "sdpa"})()
+    return engine
+
+
+def test_shared_prefix_only_where_it_pays():
+    engine = _engine_without_a_model(shared_prefix_min_tokens=12)
     ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 8], [1, 2, 3, 4, 5, 6, 9]])
     mask = torch.ones_like(ids)
     assert engine._prefix_to_share(ids, mask, total_len=20) == 6  # spares 2 rows x 6 tokens
@@ -277,8 +283,7 @@ def test_a_prompt_the_prefill_graph_takes_never_shares():
     """Captured or not: where capture failed, every call of the shape still runs the same (plain) prefill."""
     from types import SimpleNamespace
 
-    engine = StaticGreedyGenerator(torch.nn.Linear(2, 2), shared_prefix_min_tokens=1, prefill_graph_max_tokens=64)
-    engine.generator.config = type("Config", (), {"_attn_implementation": "sdpa"})()
+    engine = _engine_without_a_model(shared_prefix_min_tokens=1, prefill_graph_max_tokens=64)
     ids = torch.cat([torch.arange(6).expand(4, -1), torch.arange(4)[:, None] + 10], dim=1)  # (4, 7): 6 shared
     mask = torch.ones_like(ids)
     for captured, graphed in ((None, True), (False, False)):  # not yet captured; capture failed
@@ -293,8 +298,7 @@ def test_a_prompt_the_prefill_graph_takes_never_shares():
 def test_default_sharing_at_the_compressed_prompt_shape(batch, shared):
     """The bench's compressed prompt: 254 tokens opening with 32 shared ones. By default batch 32 spares 31 x 32 tokens
     and shares; batch 16 spares 480, under SHARED_PREFIX_MIN_TOKENS."""
-    engine = StaticGreedyGenerator(torch.nn.Linear(2, 2))
-    engine.generator.config = type("Config", (), {"_attn_implementation": "sdpa"})()
+    engine = _engine_without_a_model()
     opening = torch.arange(32).expand(batch, -1)
     ids = torch.cat([opening, torch.arange(batch)[:, None] + 100, torch.zeros(batch, 221, dtype=torch.long)], dim=1)
     assert engine._prefix_to_share(ids, torch.ones_like(ids), total_len=286) == shared

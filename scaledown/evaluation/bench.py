@@ -961,7 +961,7 @@ def run(args: argparse.Namespace) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
     stem = f"bench_{'checkpoint' if args.checkpoint else args.shape}_{'-'.join(compressor_names)}_{args.engine}"
     stem += "_compiled" if args.compile else ""
-    stem += "-max-autotune" if args.compile and args.compile_mode != "default" else ""
+    stem += "-max-autotune" if args.compile and compile_mode(args) else ""
     stem += f"_encoder-{args.encoder_attn_implementation}" if args.encoder_attn_implementation else ""
     stem += f"_overlap{args.overlap_batches}" if args.overlap_batches > 1 else ""
     stem += f"_decode-{args.decode_attention_kernel}" if args.decode_attention_kernel != DECODE_ATTENTION_KERNEL else ""
