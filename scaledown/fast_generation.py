@@ -45,10 +45,11 @@ DECODE_ATTENTION_KERNEL = "auto"
 # at batch 1 the prefill's time is its kernel launches, not its arithmetic (benchmarks/NOTES.md).
 PREFILL_GRAPH_MAX_TOKENS = 2048
 # The shared prefix is prefilled apart when the prompt tokens this spares, (batch - 1) x prefix length, reach this
-# many. The extra pass costs about one read of the weights and the padded remainder's attention; each spared token
-# saves a token's share of the prefill's matrix products. For a 7B generator on an H100 or H200 that breaks even at a
-# few hundred tokens (benchmarks/NOTES.md); 512 lets ModernBERT's side share at batch 32 (992 tokens) and not at 16.
-SHARED_PREFIX_MIN_TOKENS = 512
+# many. The extra pass costs about one read of the weights and the remainder's attention, which no fused kernel runs
+# as fast as the square one; each spared token saves a token's share of the prefill's matrix products. On an H200
+# (benchmarks/NOTES.md) sharing made ModernBERT's side 8% slower at batch 32 (992 spared tokens, 13.66 -> 14.73
+# ms/query with the threshold at 512) and faster at 1,024; 2,048 keeps batch 32 on the plain prefill.
+SHARED_PREFIX_MIN_TOKENS = 2048
 # ... and when the prefix is at least this part of the prompt: the remainder's attention costs in proportion to the
 # whole prompt ("padded" pads its queries back to the prompt's length). On an H100 (benchmarks/NOTES.md) a 35-token
 # prefix of 1,474 (2.4%) made the uncompressed side 0.65% slower at batch 96, a 32-token prefix of 254 (12.6%) made
@@ -58,10 +59,10 @@ SHARED_PREFIX_MIN_FRACTION = 0.05
 # queries in front to the whole prompt's square causal kernel, in the (batch, heads, length, head_dim) layout;
 # "padded-bshd" does the same in the layout the query projection wrote, (batch, length, heads, head_dim), so that its
 # input and output copies move whole rows; "masked" runs SDPA under the remainder's explicit mask with grouped heads
-# read in place, cuDNN's kernel first on CUDA. Alone, "masked" took 2.26 ms a layer against "padded"'s 3.08 at
-# 512 x 254 on an H100, but lost at 32 x 254 there and at every shape on an H200, where "padded" took 5.6 ms a layer
-# at 1,024 x 254 against 2.0 for the square kernel over the same prompt (benchmarks/NOTES.md). The default, "auto",
-# times all three on each new shape before its prefill and keeps the fastest; off CUDA it is "padded".
+# read in place, cuDNN's kernel first on CUDA. None wins everywhere: on an H200, with the queries laid out as
+# transformers hands them over, "masked" took 4.2 ms a layer at 1,024 x 254 ("padded-bshd" 6.3, "padded" 10.3, the
+# square kernel over the same prompt 2.1) and "padded-bshd" won at 32 x 254 (benchmarks/NOTES.md). The default,
+# "auto", times all three on each new shape before its prefill and keeps the fastest; off CUDA it is "padded".
 SUFFIX_ATTENTION_KERNELS = ("padded", "padded-bshd", "masked")
 SUFFIX_ATTENTION_KERNEL = "auto"
 
