@@ -287,6 +287,22 @@ def test_static_engine_bench_on_tiny_shapes(tmp_path):
     assert paths == {None: None, "2l": "shared query prefix", "modernbert-base": modernbert_rows}
 
 
+def test_profile_flag_writes_each_sides_kernel_table(tmp_path):
+    argv = ["--shape", "tiny", "--compressor", "2l", "--batch_sizes", "1,2", "--engine", "static",
+            "--query_tokens", "8", "--document_tokens", "8", "--num_documents", "1", "--new_tokens", "2",
+            "--repeats", "1", "--warmup", "0", "--device", "cpu", "--profile",
+            "--output_dir", str(tmp_path)]  # fmt: skip
+    assert bench.main(argv) == 0
+    tables = sorted(path.name for path in tmp_path.glob("*_profile_*.txt"))
+    assert tables == [f"bench_tiny_2l_static_profile_{side}_b{batch}.txt" for side in ("2l", "uncompressed")
+                      for batch in (1, 2)]  # fmt: skip
+    table = (tmp_path / "bench_tiny_2l_static_profile_2l_b2.txt").read_text()
+    assert "Self CPU" in table and "aten::" in table  # torch.profiler's operator table
+    plain = tmp_path / "plain"
+    assert bench.main([arg if arg != str(tmp_path) else str(plain) for arg in argv if arg != "--profile"]) == 0
+    assert sorted(path.name for path in plain.iterdir()) == ["bench_tiny_2l_static.json", "bench_tiny_2l_static.png"]
+
+
 @pytest.mark.parametrize("setting,suffix_kernel", [("1", "masked"), ("off", "auto")])
 def test_shared_prefix_flags_reach_both_sides(tmp_path, setting, suffix_kernel):
     argv = ["--shape", "tiny", "--compressor", "2l", "--batch_sizes", "2", "--engine", "static",

@@ -444,6 +444,21 @@ def timed_runs(function: Callable[[], object], device: torch.device, warmup: int
     return seconds
 
 
+def write_kernel_profile(function: Callable[[], object], device: torch.device, path: str, rows: int = 40) -> None:
+    """One run of `function` under torch.profiler; its most expensive operators and kernels, by device time on a GPU
+    (CPU time elsewhere), written to `path` as a table: where a side's time goes when two runs differ."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as profiler:
+        function()
+        synchronize(device)
+    table = profiler.key_averages().table(sort_by="cuda_time_total" if on_gpu else "cpu_time_total", row_limit=rows)
+    with open(path, "w") as handle:
+        handle.write(table + "\n")
+
+
 def _free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -491,8 +506,10 @@ def measure(
     warmup: int,
     repeats: int,
     hardware: Hardware | None,
+    profile_path: str | None = None,
 ) -> dict:
-    """Time one side at one batch size, and put the measured numbers next to the analytic ones."""
+    """Time one side at one batch size, and put the measured numbers next to the analytic ones; with `profile_path`,
+    one more run goes through torch.profiler and its kernel table is written there."""
     batch = side.prepare(requests[0][:batch_size], requests[1][:batch_size], device)
     new_tokens = side.run(batch)  # also a warm-up run
     if new_tokens.shape[1] != side.protocol.new_tokens:
@@ -506,6 +523,8 @@ def measure(
     if isinstance(side, CompressedSide):
         # The end-to-end runs have already warmed the compressor up.
         compression_seconds = statistics.median(timed_runs(lambda: side.compress(batch), device, 0, repeats))
+    if profile_path is not None:
+        write_kernel_profile(lambda: side.run(batch), device, profile_path)
     median = statistics.median(seconds)
     honest, paper = batch.phases["honest"], batch.phases["paper"]
     record = {
@@ -560,9 +579,11 @@ def speedups(uncompressed: dict, compressed: dict) -> dict:
 
 
 def bench_side(
-    side, *, requests, batch_labels: list[str], max_batch_size: int, device, warmup, repeats, hardware, log
+    side, *, requests, batch_labels: list[str], max_batch_size: int, device, warmup, repeats, hardware, log,
+    profile_stem: str | None = None,
 ) -> dict:
-    """Measure one side at every batch label ("1", "32", "max"); a batch that runs out of memory is recorded as such."""
+    """Measure one side at every batch label ("1", "32", "max"); a batch that runs out of memory is recorded as such.
+    With `profile_stem`, each measured batch's kernel table goes to `{profile_stem}_{side}_b{batch size}.txt`."""
     records = {}
     for label in batch_labels:
         if label == "max":
@@ -571,7 +592,10 @@ def bench_side(
             batch_size = int(label)
         while True:
             try:
-                records[label] = measure(side, requests, batch_size, label, device, warmup, repeats, hardware)
+                profile_path = f"{profile_stem}_{side.name}_b{batch_size}.txt" if profile_stem else None
+                records[label] = measure(
+                    side, requests, batch_size, label, device, warmup, repeats, hardware, profile_path
+                )
                 ms = records[label]["ms_per_query"]
                 log(f"  {side.name:>15} batch {label:>3} (B={batch_size}): {ms:.2f} ms/query")
                 break
@@ -746,6 +770,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="untimed runs before the timed ones (the first run, which checks the output length, is one)",
     )
     parser.add_argument("--device", default="auto", help="auto picks cuda when available")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after each side's timed runs, one more under torch.profiler: its kernel table goes beside the JSON "
+        "report as <stem>_profile_<side>_b<batch>.txt",
+    )
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     parser.add_argument("--attn_implementation", default="sdpa")
     parser.add_argument(
@@ -979,6 +1009,7 @@ def run(args: argparse.Namespace) -> dict:
         repeats=args.repeats,
         hardware=hardware,
         log=log,
+        profile_stem=os.path.join(args.output_dir, f"{stem}_profile") if args.profile else None,
     )
 
     if args.compile:  # the generator is shared, so both sides run the same compiled blocks
