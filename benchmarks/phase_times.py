@@ -27,13 +27,8 @@ def median_ms(function, device, repeats: int) -> float:
 
 def print_top_kernels(title: str, function, rows: int = 15) -> None:
     """The kernels that take the phase's time: the first thing to read when a phase sits far from its roofline."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as profiler:
-        function()
-    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-    print(f"\n== {title}\n" + profiler.key_averages().table(sort_by=sort, row_limit=rows), flush=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"\n== {title}\n" + bench.kernel_profile_table(function, device, rows), flush=True)
 
 
 def main() -> None:

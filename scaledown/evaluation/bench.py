@@ -444,9 +444,9 @@ def timed_runs(function: Callable[[], object], device: torch.device, warmup: int
     return seconds
 
 
-def write_kernel_profile(function: Callable[[], object], device: torch.device, path: str, rows: int = 40) -> None:
-    """One run of `function` under torch.profiler; its most expensive operators and kernels, by device time on a GPU
-    (CPU time elsewhere), written to `path` as a table: where a side's time goes when two runs differ."""
+def kernel_profile_table(function: Callable[[], object], device: torch.device, rows: int = 40) -> str:
+    """One run of `function` under torch.profiler; its most expensive operators and kernels as a table, by device
+    time on a GPU (CPU time elsewhere): where a phase's or a side's time goes."""
     from torch.profiler import ProfilerActivity, profile
 
     on_gpu = device.type == "cuda"
@@ -454,9 +454,7 @@ def write_kernel_profile(function: Callable[[], object], device: torch.device, p
     with profile(activities=activities) as profiler:
         function()
         synchronize(device)
-    table = profiler.key_averages().table(sort_by="cuda_time_total" if on_gpu else "cpu_time_total", row_limit=rows)
-    with open(path, "w") as handle:
-        handle.write(table + "\n")
+    return profiler.key_averages().table(sort_by="cuda_time_total" if on_gpu else "cpu_time_total", row_limit=rows)
 
 
 def _free_memory(device: torch.device) -> None:
@@ -524,7 +522,8 @@ def measure(
         # The end-to-end runs have already warmed the compressor up.
         compression_seconds = statistics.median(timed_runs(lambda: side.compress(batch), device, 0, repeats))
     if profile_path is not None:
-        write_kernel_profile(lambda: side.run(batch), device, profile_path)
+        with open(profile_path, "w") as handle:  # where this side's time goes when two runs differ
+            handle.write(kernel_profile_table(lambda: side.run(batch), device) + "\n")
     median = statistics.median(seconds)
     honest, paper = batch.phases["honest"], batch.phases["paper"]
     record = {
