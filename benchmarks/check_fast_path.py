@@ -1,6 +1,7 @@
 """Does the fast engine compute what transformers' `generate` computes? Logits and greedy tokens, both sides.
 
     python benchmarks/check_fast_path.py --shape mistral-7b --compressor 8l --batch_size 4 [--compile] [--float32_reference]
+        [--stack_projections]
 
 Random weights of the real shape (no download). Prints, per side, the largest and mean logit difference over the
 steps whose prefix is the same on both paths, and how many greedy tokens agree before the first divergence (bf16
@@ -20,6 +21,7 @@ from scaledown.fast_generation import (
     compile_compressor,
     compile_elementwise_work,
     generate_compressed,
+    stack_projections,
 )
 from scaledown.modeling_scaledown import text_prompt
 
@@ -103,6 +105,11 @@ def main() -> None:
     float32 = {}
     if args.float32_reference:
         float32 = {name: float32_reference(module, generate) for name, (module, generate) in run_plain.items()}
+    if args.stack_projections:
+        print(f"generator: stacked the {stack_projections(generator)}")
+        for name, model in models.items():
+            if not model.config.uses_encoder_compressor:
+                print(f"{name} compressor: stacked the {stack_projections(model.compressor)}")
     if args.compile:
         mode = bench.compile_mode(args)
         print(f"generator: compiled {compile_elementwise_work(generator, mode)}")
@@ -125,7 +132,7 @@ def main() -> None:
     for name, engine in engines.items():
         kernel = f", remainder attention {engine.last_suffix_attention}" if engine.last_shared_prefix else ""
         print(f"{name}: shared prefix of {engine.last_shared_prefix} tokens prefilled once{kernel}")
-    engine = "fast path" + (" (compiled)" if args.compile else "")
+    engine = "fast path" + (" (compiled)" if args.compile else "") + (" (stacked)" if args.stack_projections else "")
     for name in run_plain:
         print(f"== {name}")
         compare(f"{engine} vs plain bf16", *fast[name], *plain[name])

@@ -1076,6 +1076,120 @@ def compile_elementwise_work(module: torch.nn.Module, mode: str | None = None) -
     return f"{len(blocks)} norm and MLP blocks, rotary embedding of {', '.join(names) or 'none'}"
 
 
+# Layer classes whose projections of one input `stack_projections` runs as one product: these attentions project
+# `hidden_states` by q_proj, k_proj and v_proj, these MLPs compute down_proj(act_fn(gate_proj(x)) * up_proj(x)).
+STACKED_ATTENTIONS = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
+STACKED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")
+
+
+def _stackable(*linears) -> bool:
+    """Plain `nn.Linear` layers (a LoRA-wrapped one is not) reading the same width, all with a bias or none."""
+    return (
+        all(type(linear) is torch.nn.Linear for linear in linears)
+        and len({(linear.in_features, linear.bias is None, linear.weight.dtype) for linear in linears}) == 1
+    )
+
+
+def _stack_linears(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weights and biases of `linears` stacked by output rows: `(sum of outputs, inputs)`, `(sum of outputs,)`.
+    Each layer's parameters become views into the stack, so every weight is held once and the state dict keeps its
+    names and values."""
+    weight = torch.cat([linear.weight.detach() for linear in linears])
+    bias = None if linears[0].bias is None else torch.cat([linear.bias.detach() for linear in linears])
+    start = 0
+    for linear in linears:
+        rows = slice(start, start + linear.out_features)
+        linear.weight = torch.nn.Parameter(weight[rows], requires_grad=False)
+        if bias is not None:
+            linear.bias = torch.nn.Parameter(bias[rows], requires_grad=False)
+        start = rows.stop
+    return weight, bias
+
+
+class StackedProjection(torch.nn.Module):
+    """One of an attention's query, key and value projections once `stack_projections` has stacked them. Inside the
+    attention's forward it hands back its columns of the one product the attention's pre-hook ran; on any other
+    input (a hook that computes keys alone, `_keep_rows_of_last_layer`) it runs its own product, as the
+    `nn.Linear` it replaces did, with the same parameters under the same names."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.handed: tuple[torch.Tensor, torch.Tensor] | None = None  # (the attention's input, this one's output)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.handed is not None and self.handed[0] is hidden:
+            return self.handed[1]
+        return F.linear(hidden, self.weight, self.bias)
+
+
+def _project_once(attention, args, kwargs):
+    """Forward pre-hook of a stacked attention: its three projections of `hidden_states` as one product."""
+    hidden = args[0] if args else kwargs["hidden_states"]  # (batch, length, hidden)
+    product = F.linear(hidden, attention.stacked_qkv_weight, attention.stacked_qkv_bias)  # (batch, length, q+k+v)
+    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+    for projection, output in zip(projections, product.split([p.out_features for p in projections], dim=-1)):
+        projection.handed = (hidden, output)
+
+
+def _forget_projections(attention, args, kwargs, output):
+    """Forward hook of a stacked attention: the product is not kept past the attention's call."""
+    for projection in (attention.q_proj, attention.k_proj, attention.v_proj):
+        projection.handed = None
+
+
+class StackedGatedMLP(torch.nn.Module):
+    """A Llama-family gated MLP, down_proj(act_fn(gate_proj(x)) * up_proj(x)), whose gate and up products run as one
+    against their stacked weights. Its children and their parameters keep the replaced MLP's names."""
+
+    def __init__(self, mlp: torch.nn.Module):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.act_fn = mlp.act_fn
+        self.config = getattr(mlp, "config", None)
+        weight, bias = _stack_linears([self.gate_proj, self.up_proj])
+        self.register_buffer("gate_up_weight", weight, persistent=False)  # (2 x intermediate, hidden)
+        self.register_buffer("gate_up_bias", bias, persistent=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (..., hidden) -> (..., hidden)
+        gate, up = F.linear(hidden, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)  # (..., intermediate)
+        return self.down_proj(self.act_fn(gate) * up)
+
+
+def stack_projections(module: torch.nn.Module) -> str:
+    """Run the projections that read one input as one matrix product, in place, for serving; says what was stacked.
+
+    A decode step multiplies a few rows by each weight, so its time is the weights' reads, and cuBLAS reads a narrow
+    weight (a grouped-query key or value projection: 1,024 rows in Mistral-7B) at about half the bandwidth it
+    reaches on a wide one (benchmarks/NOTES.md). Stacked, an attention's query, key and value weights are one
+    product and an MLP's gate and up weights another: fewer, wider products, the same values up to summation order.
+
+    - Attentions of STACKED_ATTENTIONS and MLPs of STACKED_MLPS whose projections are plain `nn.Linear` layers (not
+      LoRA-wrapped: merge adapters first). Each weight is held once (the layers' parameters become views into the
+      stacks) and the state dict is unchanged, but the parameters stop requiring gradients: this is for inference.
+    - Call it after moving the model to its device and dtype, and before `compile_elementwise_work` (the stacked MLP
+      is what should be compiled). A second call stacks nothing more.
+    """
+    attentions = mlps = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            kind = type(child).__name__
+            if kind in STACKED_MLPS and _stackable(child.gate_proj, child.up_proj):
+                setattr(parent, name, StackedGatedMLP(child))
+                mlps += 1
+            elif kind in STACKED_ATTENTIONS and _stackable(child.q_proj, child.k_proj, child.v_proj):
+                weight, bias = _stack_linears([child.q_proj, child.k_proj, child.v_proj])
+                child.register_buffer("stacked_qkv_weight", weight, persistent=False)  # (q + k + v, hidden)
+                child.register_buffer("stacked_qkv_bias", bias, persistent=False)
+                for projection in ("q_proj", "k_proj", "v_proj"):
+                    setattr(child, projection, StackedProjection(getattr(child, projection)))
+                child.register_forward_pre_hook(_project_once, with_kwargs=True)
+                child.register_forward_hook(_forget_projections, with_kwargs=True)
+                attentions += 1
+    return f"query, key and value products of {attentions} attentions, gate and up products of {mlps} MLPs"
+
+
 FLEX_BLOCK_PREFIX = "flex_attention_block"
 # transformers 4's encoders (ModernBERT included) build their masks without transformers' mask functions
 FLEX_TILES_SUPPORTED = int(transformers.__version__.split(".")[0]) >= 5

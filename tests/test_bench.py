@@ -14,7 +14,7 @@ from scaledown.evaluation.flops import (
     generator_phases,
     hardware_from_device_name,
 )
-from scaledown.fast_generation import FLEX_TILES_SUPPORTED, StaticGreedyGenerator
+from scaledown.fast_generation import FLEX_TILES_SUPPORTED, StaticGreedyGenerator, stack_projections
 
 # hidden 8, MLP 16, 2 layers, 2 heads of 4 dims, 1 KV head, vocabulary 10.
 TINY = dict(
@@ -329,6 +329,31 @@ def test_prefill_last_layer_flag_reaches_the_engine():
     whole = bench.static_engine_options(bench.build_parser().parse_args(["--prefill_last_layer", "every_position"]))
     assert default["last_layer_on_last_position"] is True and whole["last_layer_on_last_position"] is False
     assert StaticGreedyGenerator(torch.nn.Linear(2, 2), **whole).last_layer_on_last_position is False
+
+
+def test_stack_projections_flag_stacks_the_generator_and_n_layers_compressors(tmp_path, monkeypatch, capsys):
+    stacked = []
+
+    def stack_and_record(module):
+        said = stack_projections(module)
+        stacked.append((type(module).__name__, said))
+        return said
+
+    monkeypatch.setattr(bench, "stack_projections", stack_and_record)
+    argv = ["--shape", "tiny", "--compressor", "2l,modernbert-base", "--batch_sizes", "2", "--engine", "static",
+            "--query_tokens", "8", "--document_tokens", "8", "--num_documents", "1", "--new_tokens", "2",
+            "--repeats", "1", "--warmup", "0", "--device", "cpu", "--stack_projections",
+            "--output_dir", str(tmp_path)]  # fmt: skip
+    assert bench.main(argv) == 0
+    layers = bench.GENERATOR_SHAPES["tiny"]["num_hidden_layers"]
+    assert [name for name, _ in stacked] == ["LlamaForCausalLM", "LlamaModel"]  # an encoder has nothing to stack
+    assert [said for _, said in stacked] == [
+        f"query, key and value products of {n} attentions, gate and up products of {n} MLPs" for n in (layers, 2)
+    ]
+    assert "generator: stacked the query, key and value products" in capsys.readouterr().out
+    report = json.loads((tmp_path / "bench_tiny_2l-modernbert-base_static_stacked.json").read_text())
+    assert report["settings"]["stack_projections"] is True
+    assert all("error" not in record for record in report["results"]) and len(report["results"]) == 3
 
 
 @pytest.mark.parametrize("mode", ["default", "max-autotune-no-cudagraphs"])

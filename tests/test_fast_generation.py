@@ -562,3 +562,82 @@ def test_compile_mode_reaches_every_norm_and_mlp_block(make_model, monkeypatch):
     compile_elementwise_work(generator, mode="max-autotune-no-cudagraphs")
     layers = len(generator.get_decoder().layers)
     assert modes == ["max-autotune-no-cudagraphs"] * len(modes) and len(modes) == 3 * layers + 1  # 2 norms + MLP, final
+
+
+class _LinearCalls(torch.overrides.TorchFunctionMode):
+    """Counts `F.linear` calls and collects their products' output widths."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.widths = 0, set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.linear:
+            self.calls += 1
+            self.widths.add(args[1].shape[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])  # qwen2: query, key and value biases
+def test_stacked_projections_answer_as_the_separate_ones(make_model, arch):
+    from scaledown.fast_generation import ELEMENTWISE_BLOCKS, compress_batch, stack_projections
+
+    model = make_model(arch, lora_r=0, enable_reranking=True).float()
+    generator, config = model.generator, model.generator.config
+    questions, documents = ["Who wrote Hamlet and when?", "Where?"], [DOCUMENTS[0], ["Paris is on the Seine."]]
+    batch = model.input_builder(questions, documents, return_query_lengths=True)
+    cases = prompt_cases(model)
+    engines = [StaticGreedyGenerator(generator, shared_prefix_min_tokens=shared) for shared in (None, 1)]
+
+    def outputs():
+        vectors, scores = compress_batch(model, batch)  # the shared query prefix and the last layer on read rows
+        answers = [engine.generate(max_new_tokens=5, return_scores=True, **c) for engine in engines for c in cases]
+        return vectors, scores, answers
+
+    def linear_calls_of_a_forward() -> _LinearCalls:
+        with torch.no_grad(), _LinearCalls() as calls:
+            generator(input_ids=cases[1]["input_ids"])
+        return calls
+
+    before, calls_before = outputs(), linear_calls_of_a_forward()
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    layers = config.num_hidden_layers + model.config.num_compressor_layers
+    assert stack_projections(model) == (
+        f"query, key and value products of {layers} attentions, gate and up products of {layers} MLPs"
+    )
+    after, calls_after = outputs(), linear_calls_of_a_forward()
+
+    # 7 products a layer (q, k, v, o, gate, up, down) and the LM head, now 4 a layer, two of them stacked
+    layer_products = (calls_before.calls - 1, calls_after.calls - 1)
+    assert layer_products == (7 * config.num_hidden_layers, 4 * config.num_hidden_layers)
+    head_dim = generator.get_decoder().layers[0].self_attn.head_dim
+    query_key_value = (config.num_attention_heads + 2 * config.num_key_value_heads) * head_dim
+    stacked_widths = {2 * config.intermediate_size, query_key_value}
+    assert stacked_widths <= calls_after.widths and not stacked_widths & calls_before.widths
+    assert model.state_dict().keys() == state.keys()  # checkpoints and adapters keep their names
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+    mlp = generator.get_decoder().layers[0].mlp
+    assert mlp.gate_proj.weight.data_ptr() == mlp.gate_up_weight.data_ptr()  # each weight held once
+    assert type(mlp).__name__.endswith(ELEMENTWISE_BLOCKS)  # what compile_elementwise_work compiles
+    for got, want in zip(after[:2], before[:2]):  # memory vectors, rerank scores
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    for (got_ids, got_scores), (want_ids, want_scores) in zip(after[2], before[2]):
+        assert torch.equal(got_ids, want_ids)
+        torch.testing.assert_close(got_scores, want_scores, atol=1e-5, rtol=1e-4)
+    assert engines[1].last_shared_prefix > 0  # the suffix kernels and the last-layer hook ran on stacked layers
+    assert stack_projections(model).endswith("of 0 attentions, gate and up products of 0 MLPs")
+
+
+def test_stacking_leaves_lora_wrapped_projections(make_model):
+    from scaledown.fast_generation import StackedProjection, stack_projections
+
+    model = make_model("llama", lora_target_modules=["q_proj", "up_proj"])  # LoRA on the generator only
+    generator_layers, compressor_layers = model.generator.config.num_hidden_layers, model.config.num_compressor_layers
+    assert stack_projections(model) == (
+        f"query, key and value products of {compressor_layers} attentions, "
+        f"gate and up products of {compressor_layers} MLPs"
+    )
+    layer = model.generator.get_decoder().layers[0]
+    assert not isinstance(layer.self_attn.k_proj, StackedProjection) and not hasattr(layer.mlp, "gate_up_weight")
+    assert generator_layers > 0

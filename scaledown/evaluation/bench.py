@@ -51,6 +51,7 @@ from ..fast_generation import (
     flex_attention_with_block_size,
     generate_compressed,
     generate_compressed_overlapped,
+    stack_projections,
 )
 from ..modeling_scaledown import ScaleDownForCausalLM, text_prompt
 from ..toy_models import SPECIAL_TOKENS, wrap_tokenizer
@@ -803,6 +804,12 @@ def build_parser() -> argparse.ArgumentParser:
         "compressors; max-autotune-no-cudagraphs also times Triton matrix products against cuBLAS per shape",
     )
     parser.add_argument(
+        "--stack_projections",
+        action="store_true",
+        help="run each attention's query, key and value products and each MLP's gate and up products as one "
+        "product (Llama, Mistral, Qwen2 layers: the generator, both sides, and N-layers compressors)",
+    )
+    parser.add_argument(
         "--overlap_batches",
         type=int,
         default=1,
@@ -903,6 +910,7 @@ def _settings(
         }[args.engine],
         "compile": args.compile,
         "compile_mode": args.compile_mode if args.compile else None,
+        "stack_projections": args.stack_projections,
         "overlap_batches": args.overlap_batches,
         "decode_attention_kernel": args.decode_attention_kernel,
         "shared_prefix_min_tokens": args.shared_prefix_min_tokens,
@@ -991,6 +999,7 @@ def run(args: argparse.Namespace) -> dict:
     stem = f"bench_{'checkpoint' if args.checkpoint else args.shape}_{'-'.join(compressor_names)}_{args.engine}"
     stem += "_compiled" if args.compile else ""
     stem += "-max-autotune" if args.compile and compile_mode(args) else ""
+    stem += "_stacked" if args.stack_projections else ""
     stem += f"_encoder-{args.encoder_attn_implementation}" if args.encoder_attn_implementation else ""
     stem += f"_overlap{args.overlap_batches}" if args.overlap_batches > 1 else ""
     stem += f"_decode-{args.decode_attention_kernel}" if args.decode_attention_kernel != DECODE_ATTENTION_KERNEL else ""
@@ -1011,6 +1020,8 @@ def run(args: argparse.Namespace) -> dict:
         profile_stem=os.path.join(args.output_dir, f"{stem}_profile") if args.profile else None,
     )
 
+    if args.stack_projections:  # before compiling: the stacked MLPs are the blocks to compile
+        log(f"generator: stacked the {stack_projections(generator)}")
     if args.compile:  # the generator is shared, so both sides run the same compiled blocks
         log(f"generator: compiled {compile_elementwise_work(generator, compile_mode(args))} (warm-up runs compile)")
     # The uncompressed side runs first with only the generator in memory (a checkpoint's compressor waits on the CPU),
@@ -1038,6 +1049,8 @@ def run(args: argparse.Namespace) -> dict:
         else:
             scaledown = model
         set_encoder_attention(scaledown, args.encoder_attn_implementation)
+        if args.stack_projections and not scaledown.config.uses_encoder_compressor:
+            log(f"{name} compressor: stacked the {stack_projections(scaledown.compressor)}")
         if args.compile:
             log(f"{name} compressor: compiled {compile_compressor(scaledown, compile_mode(args))}")
         side = CompressedSide(
