@@ -1083,10 +1083,10 @@ STACKED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")
 
 
 def _stackable(*linears) -> bool:
-    """Plain `nn.Linear` layers (a LoRA-wrapped one is not) reading the same width, all with a bias or none."""
-    return (
-        all(type(linear) is torch.nn.Linear for linear in linears)
-        and len({(linear.in_features, linear.bias is None, linear.weight.dtype) for linear in linears}) == 1
+    """Plain `nn.Linear` layers (a LoRA-wrapped or quantized one is not) reading the same width, all with a bias or
+    none, with weights of one dtype on one device."""
+    return all(type(linear) is torch.nn.Linear for linear in linears) and 1 == len(
+        {(linear.in_features, linear.bias is None, linear.weight.dtype, linear.weight.device) for linear in linears}
     )
 
 

@@ -641,3 +641,8 @@ def test_stacking_leaves_lora_wrapped_projections(make_model):
     layer = model.generator.get_decoder().layers[0]
     assert not isinstance(layer.self_attn.k_proj, StackedProjection) and not hasattr(layer.mlp, "gate_up_weight")
     assert generator_layers > 0
+
+    model = make_model("llama", lora_r=0)
+    model.generator.get_decoder().layers[0].self_attn.k_proj.double()  # weights of two dtypes: not one product
+    said = stack_projections(model.generator)
+    assert said.startswith(f"query, key and value products of {generator_layers - 1} attentions")
