@@ -3,7 +3,9 @@
     python benchmarks/phase_times.py --shape mistral-7b --batch_sizes 1,8,32,64
 
 Uncompressed side (the generator reading the document text), random weights of the real shape, the bench's
-protocol. Each phase is timed alone and set beside its roofline time, so the slow phase shows itself.
+protocol. Each phase is timed alone and set beside its roofline time, so the slow phase shows itself. The bench's
+flags that change the generator apply here too (--compile, --compile_mode, --stack_projections,
+--decode_attention_kernel); its --profile prints each phase's top kernels (torch.profiler).
 """
 
 import json
@@ -15,7 +17,7 @@ import torch
 from scaledown.evaluation import bench
 from scaledown.evaluation.evaluate import resolve_device, resolve_dtype, tokenize_text_prompts
 from scaledown.evaluation.flops import TransformerShape, detect_hardware, generator_phases
-from scaledown.fast_generation import StaticGreedyGenerator, compile_elementwise_work
+from scaledown.fast_generation import StaticGreedyGenerator, compile_elementwise_work, stack_projections
 from scaledown.modeling_scaledown import text_prompt
 from split_decode import rewind
 
@@ -34,13 +36,14 @@ def print_top_kernels(title: str, function, rows: int = 15) -> None:
 def main() -> None:
     parser = bench.build_parser()
     parser.add_argument("--phase_batch_sizes", default="1,8,32,64")
-    parser.add_argument("--profile", action="store_true", help="also print the top kernels of each phase (torch.profiler)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     hardware = detect_hardware(device, args.peak_tflops, args.peak_bandwidth_tbs)
     _, generator, tokenizer, system_prompt, _, _, protocol = bench._load_models(args, device, dtype, print)
     shape = TransformerShape.from_config(generator.config)
+    if args.stack_projections:  # what the bench's --stack_projections does to the generator, before compiling
+        print(f"stacked the {stack_projections(generator)}", flush=True)
     if args.compile:  # what the bench's --compile does to the generator
         print(f"compiled {compile_elementwise_work(generator, bench.compile_mode(args))}", flush=True)
     batch_sizes = [int(b) for b in args.phase_batch_sizes.split(",")]
@@ -102,8 +105,12 @@ def main() -> None:
               f"{r['decode_ms']:.1f} ({fmt(r['decode_roofline_ms'])}) | {r['decode_ms_per_step']:.2f} | "
               f"{r['rest_ms']:.1f} |")  # fmt: skip
     os.makedirs(args.output_dir, exist_ok=True)
-    path = os.path.join(args.output_dir, f"phase_times_{args.shape}{'_compiled' if args.compile else ''}.json")
-    report = {"device": bench._device_name(device), "protocol": str(protocol), "compile": args.compile, "rows": rows}
+    stem = f"phase_times_{args.shape}{'_compiled' if args.compile else ''}{'_stacked' if args.stack_projections else ''}"
+    report = {
+        "device": bench._device_name(device), "protocol": str(protocol), "compile": args.compile,
+        "stack_projections": args.stack_projections, "rows": rows,
+    }  # fmt: skip
+    path = os.path.join(args.output_dir, f"{stem}.json")
     with open(path, "w") as handle:
         json.dump(report, handle, indent=1)
 
