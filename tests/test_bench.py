@@ -540,3 +540,17 @@ def test_goal_table_lists_every_run_and_marks_misses(tmp_path, capsys):
     (tmp_path / "other.json").write_text("{}")
     with pytest.raises(SystemExit, match="not a scaledown-bench report"):
         script.main([str(tmp_path / "other.json")])
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["check_fast_path", "compression_profile", "decode_attention", "encoder_attention", "gemm_ceiling", "goal_table",
+     "overlap_timeline", "phase_times", "split_decode", "suffix_attention", "train_throughput"],
+)  # fmt: skip
+def test_benchmark_scripts_parse_their_command_lines(name, monkeypatch, capsys):
+    """The scripts that extend the bench's parser must not clash with flags it gains later."""
+    script = _benchmark_script(name)
+    monkeypatch.setattr("sys.argv", [f"{name}.py", "--help"])
+    with pytest.raises(SystemExit) as stop:
+        script.main()
+    assert stop.value.code == 0 and "usage:" in capsys.readouterr().out
