@@ -98,6 +98,24 @@ def test_prefill_graph_decodes_as_the_eager_prefill(make_model, arch):
     assert torch.equal(graphed.generate(mask, 8, inputs_embeds=embeds), answers[2])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_stacked_projections_under_cuda_graphs(make_model):
+    from scaledown.fast_generation import stack_projections
+
+    plain, stacked = (make_model("llama", lora_r=0).generator.to("cuda") for _ in range(2))  # the same weights
+    stack_projections(stacked)
+    plain_engine, stacked_engine = StaticGreedyGenerator(plain), StaticGreedyGenerator(stacked)
+    mask = torch.ones(2, 24, dtype=torch.long, device="cuda")
+    seeded = torch.Generator().manual_seed(0)
+    for _ in range(3):  # the first call captures the prefill and decode graphs, the next two replay them
+        ids = torch.randint(3, plain.config.vocab_size, (2, 24), generator=seeded).cuda()
+        want_ids, want_scores = plain_engine.generate(mask, 8, input_ids=ids, return_scores=True)
+        got_ids, got_scores = stacked_engine.generate(mask, 8, input_ids=ids, return_scores=True)
+        assert torch.equal(got_ids, want_ids)
+        torch.testing.assert_close(got_scores, want_scores, atol=1e-4, rtol=1e-4)
+    assert isinstance(stacked_engine._state.prefill_graph, torch.cuda.CUDAGraph)
+
+
 def test_overlapped_stream_answers_each_batch_as_alone(make_model):
     from scaledown.fast_generation import generate_compressed_overlapped
 
