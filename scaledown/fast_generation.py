@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from transformers import AttentionInterface, StaticCache
+from transformers.cache_utils import StaticLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ._compat import cache_keyword
@@ -469,6 +470,32 @@ def _last_layer_on_last_position(generator, enabled: bool = True):
     return _last_layer_on_rows(generator, None, enabled)
 
 
+@contextlib.contextmanager
+def _writes_at(cache: StaticCache, slot: torch.Tensor):
+    """Within it, the cache's full-attention layers write a step's keys and values `(batch, kv_heads, 1, head_dim)`
+    at `slot` `(1,)`, the engine's own count, as transformers 4's layers did from `cache_position`. transformers 5's
+    layers each derive the slot from a counter of their own (an arange, a sum and an in-place add): three small
+    kernels a layer in every replayed decode step. Sliding-window layers, which roll, and layers not yet filled keep
+    their own update. The layers' counters stay where the prefill left them; `generate` resets them per call."""
+    layers = [layer for layer in cache.layers if type(layer) is StaticLayer and layer.is_initialized]
+
+    def writer(layer):
+        def update(key_states, value_states, *args, **kwargs):
+            layer.keys.index_copy_(2, slot, key_states)
+            layer.values.index_copy_(2, slot, value_states)
+            return layer.keys, layer.values
+
+        return update
+
+    for layer in layers:
+        layer.update = writer(layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.update  # the class's method again
+
+
 @dataclass
 class _DecodeState:
     """Everything one decode step reads and writes, at fixed addresses (a CUDA graph replays on these)."""
@@ -591,7 +618,7 @@ class StaticGreedyGenerator:
     def _decode_step(self, state: _DecodeState, eos_token_id: int | None, pad_token_id: int, dtype) -> None:
         state.key_mask.index_fill_(1, state.cache_position, True)
         allowed = state.key_mask[:, None, None, :]  # (batch, 1, 1, max_len)
-        with _decode_attention(self.generator, state.attention_kernel):
+        with _decode_attention(self.generator, state.attention_kernel), _writes_at(state.cache, state.cache_position):
             logits = self.generator(
                 input_ids=state.tokens,
                 attention_mask=self._as_attention_mask(allowed, dtype),

@@ -664,3 +664,24 @@ def test_stacking_leaves_lora_wrapped_projections(make_model):
     model.generator.get_decoder().layers[0].self_attn.k_proj.double()  # weights of two dtypes: not one product
     said = stack_projections(model.generator)
     assert said.startswith(f"query, key and value products of {generator_layers - 1} attentions")
+
+
+def test_decode_steps_write_the_cache_at_the_engines_slot(make_model, monkeypatch):
+    from transformers.cache_utils import StaticLayer
+
+    model = make_model("llama")
+    batch = model.input_builder(QUESTIONS, DOCUMENTS)
+    expected = model.generate(**batch, max_new_tokens=6)
+    own_updates = []  # the layers' own update: the prefill's copy into the static cache only
+    original = StaticLayer.update
+
+    def counted(layer, *args, **kwargs):
+        own_updates.append(layer)
+        return original(layer, *args, **kwargs)
+
+    monkeypatch.setattr(StaticLayer, "update", counted)
+    engine = StaticGreedyGenerator(model.generator)
+    fast = generate_compressed(model, batch, engine, max_new_tokens=6)
+    assert torch.equal(fast[:, : expected.shape[1]], expected)
+    assert len(own_updates) == model.generator.config.num_hidden_layers  # not once more per decode step
+    assert all("update" not in vars(layer) for layer in engine._state.cache.layers)  # the layers' own method again
