@@ -108,8 +108,9 @@ def main() -> None:
     if args.stack_projections:
         print(f"generator: stacked the {stack_projections(generator)}")
         for name, model in models.items():
-            if not model.config.uses_encoder_compressor:
-                print(f"{name} compressor: stacked the {stack_projections(model.compressor)}")
+            stacked = bench.stack_compressor_projections(model)
+            if stacked is not None:
+                print(f"{name} compressor: stacked the {stacked}")
     if args.compile:
         mode = bench.compile_mode(args)
         print(f"generator: compiled {compile_elementwise_work(generator, mode)}")

@@ -222,6 +222,12 @@ def set_encoder_attention(model: ScaleDownForCausalLM, implementation: str | Non
         model.compressor.set_attn_implementation(implementation)
 
 
+def stack_compressor_projections(model: ScaleDownForCausalLM) -> str | None:
+    """`stack_projections` on an N-layers compressor, saying what was stacked; None for an encoder compressor, whose
+    layers are not of the Llama family."""
+    return None if model.config.uses_encoder_compressor else stack_projections(model.compressor)
+
+
 def compressor_layers(name: str) -> int | None:
     """'8l' -> 8 (an N-layers compressor); None for an encoder name."""
     if name.lower().endswith("l") and name[:-1].isdigit():
@@ -1049,8 +1055,9 @@ def run(args: argparse.Namespace) -> dict:
         else:
             scaledown = model
         set_encoder_attention(scaledown, args.encoder_attn_implementation)
-        if args.stack_projections and not scaledown.config.uses_encoder_compressor:
-            log(f"{name} compressor: stacked the {stack_projections(scaledown.compressor)}")
+        stacked = stack_compressor_projections(scaledown) if args.stack_projections else None
+        if stacked is not None:
+            log(f"{name} compressor: stacked the {stacked}")
         if args.compile:
             log(f"{name} compressor: compiled {compile_compressor(scaledown, compile_mode(args))}")
         side = CompressedSide(
