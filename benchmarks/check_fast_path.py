@@ -1,7 +1,7 @@
 """Does the fast engine compute what transformers' `generate` computes? Logits and greedy tokens, both sides.
 
     python benchmarks/check_fast_path.py --shape mistral-7b --compressor 8l --batch_size 4 [--compile] [--float32_reference]
-        [--stack_projections]
+        [--stack_projections] [--fused_decode]
 
 Random weights of the real shape (no download). Prints, per side, the largest and mean logit difference over the
 steps whose prefix is the same on both paths, and how many greedy tokens agree before the first divergence (bf16
@@ -134,6 +134,7 @@ def main() -> None:
         kernel = f", remainder attention {engine.last_suffix_attention}" if engine.last_shared_prefix else ""
         print(f"{name}: shared prefix of {engine.last_shared_prefix} tokens prefilled once{kernel}")
     engine = "fast path" + (" (compiled)" if args.compile else "") + (" (stacked)" if args.stack_projections else "")
+    engine += " (fused decode)" if args.fused_decode else ""
     for name in run_plain:
         print(f"== {name}")
         compare(f"{engine} vs plain bf16", *fast[name], *plain[name])

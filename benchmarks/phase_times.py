@@ -4,8 +4,8 @@
 
 Uncompressed side (the generator reading the document text), random weights of the real shape, the bench's
 protocol. Each phase is timed alone and set beside its roofline time, so the slow phase shows itself. The bench's
-flags that change the generator apply here too (--compile, --compile_mode, --stack_projections,
---decode_attention_kernel); its --profile prints each phase's top kernels (torch.profiler).
+flags that change the generator or its engine apply here too (--compile, --compile_mode, --stack_projections,
+--fused_decode, --decode_attention_kernel, ...); its --profile prints each phase's top kernels (torch.profiler).
 """
 
 import json
@@ -48,7 +48,7 @@ def main() -> None:
         print(f"compiled {compile_elementwise_work(generator, bench.compile_mode(args))}", flush=True)
     batch_sizes = [int(b) for b in args.phase_batch_sizes.split(",")]
     questions, documents = bench.synthetic_requests(tokenizer, protocol, max(batch_sizes), seed=args.seed)
-    engine = StaticGreedyGenerator(generator, decode_attention_kernel=args.decode_attention_kernel)
+    engine = StaticGreedyGenerator(generator, **bench.static_engine_options(args))
     steps = protocol.new_tokens
     rows = []
     for batch_size in batch_sizes:
@@ -106,9 +106,10 @@ def main() -> None:
               f"{r['rest_ms']:.1f} |")  # fmt: skip
     os.makedirs(args.output_dir, exist_ok=True)
     stem = f"phase_times_{args.shape}{'_compiled' if args.compile else ''}{'_stacked' if args.stack_projections else ''}"
+    stem += "_fused-decode" if args.fused_decode else ""
     report = {
         "device": bench._device_name(device), "protocol": str(protocol), "compile": args.compile,
-        "stack_projections": args.stack_projections, "rows": rows,
+        "stack_projections": args.stack_projections, "fused_decode": args.fused_decode, "rows": rows,
     }  # fmt: skip
     path = os.path.join(args.output_dir, f"{stem}.json")
     with open(path, "w") as handle:

@@ -32,6 +32,7 @@ from transformers.cache_utils import StaticLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ._compat import cache_keyword
+from .fused_decode import FusedDecode
 
 # How a decode step's grouped attention is computed: "sdpa" lets PyTorch pick (cuDNN on an H100), the next three force
 # one SDPA backend, "matmul" is two batched matrix products around a float32 softmax, "flex" is PyTorch's flex
@@ -536,6 +537,8 @@ class StaticGreedyGenerator:
         shared_prefix_min_fraction: float = SHARED_PREFIX_MIN_FRACTION,
         suffix_attention_kernel: str = SUFFIX_ATTENTION_KERNEL,
         last_layer_on_last_position: bool = True,
+        fused_decode: bool = False,
+        fused_decode_mode: str | None = None,
     ):
         _check_kernel("decode attention", decode_attention_kernel, DECODE_ATTENTION_KERNELS, allow_auto=True)
         _check_kernel("suffix attention", suffix_attention_kernel, SUFFIX_ATTENTION_KERNELS, allow_auto=True)
@@ -550,6 +553,9 @@ class StaticGreedyGenerator:
         self.last_suffix_attention = None  # (kernel, "auto"'s milliseconds a layer or None) of the last shared prefill
         self.decode_attention_kernel = decode_attention_kernel
         self.last_layer_on_last_position = last_layer_on_last_position  # `_last_layer_on_last_position` in prefills
+        # decode steps through `FusedDecode` (compiled on CUDA, with torch.compile's `fused_decode_mode`) instead of
+        # the generator's forward; a generator it cannot run is refused here with the reason
+        self._fused = FusedDecode(generator, mode=fused_decode_mode) if fused_decode else None
         self._key_now = None  # the key of the state held
         self._state: _DecodeState | None = None
 
@@ -618,8 +624,20 @@ class StaticGreedyGenerator:
     def _decode_step(self, state: _DecodeState, eos_token_id: int | None, pad_token_id: int, dtype) -> None:
         state.key_mask.index_fill_(1, state.cache_position, True)
         allowed = state.key_mask[:, None, None, :]  # (batch, 1, 1, max_len)
+        if self._fused is not None:
+            caches = [(layer.keys, layer.values) for layer in state.cache.layers]
+            attend = functools.partial(_grouped_attention, kernel=state.attention_kernel)
+            logits = self._fused(state.tokens, state.positions, caches, state.cache_position, allowed, attend)
+        else:
+            logits = self._generator_step(state, allowed, dtype)
+        self._emit(state, logits, eos_token_id, pad_token_id)
+        state.positions.add_(1)
+        state.cache_position.add_(1)
+
+    def _generator_step(self, state: _DecodeState, allowed: torch.Tensor, dtype) -> torch.Tensor:
+        """The step's logits `(batch, vocab)` through the generator's own forward."""
         with _decode_attention(self.generator, state.attention_kernel), _writes_at(state.cache, state.cache_position):
-            logits = self.generator(
+            return self.generator(
                 input_ids=state.tokens,
                 attention_mask=self._as_attention_mask(allowed, dtype),
                 position_ids=state.positions,
@@ -627,9 +645,6 @@ class StaticGreedyGenerator:
                 use_cache=True,
                 **{self._cache_keyword: state.cache},
             ).logits[:, -1]  # (batch, vocab)
-        self._emit(state, logits, eos_token_id, pad_token_id)
-        state.positions.add_(1)
-        state.cache_position.add_(1)
 
     def _choose_attention_kernel(self, state: _DecodeState) -> str:
         """The configured kernel, or for "auto" the faster of AUTO_CANDIDATES on this state's filled cache."""

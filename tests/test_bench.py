@@ -356,6 +356,31 @@ def test_stack_projections_flag_stacks_the_generator_and_n_layers_compressors(tm
     assert all("error" not in record for record in report["results"]) and len(report["results"]) == 3
 
 
+def test_fused_decode_flag_reaches_both_sides(tmp_path, monkeypatch):
+    from scaledown import fast_generation
+
+    steps = []  # (the FusedDecode, its generator) of each decode step that went through one
+
+    class RecordedFusedDecode(fast_generation.FusedDecode):
+        def __call__(self, *args, **kwargs):
+            steps.append((id(self), id(self.generator)))
+            return super().__call__(*args, **kwargs)
+
+    monkeypatch.setattr(fast_generation, "FusedDecode", RecordedFusedDecode)
+    argv = ["--shape", "tiny", "--compressor", "2l", "--batch_sizes", "2", "--engine", "static",
+            "--query_tokens", "8", "--document_tokens", "8", "--num_documents", "1", "--new_tokens", "3",
+            "--repeats", "1", "--warmup", "0", "--device", "cpu", "--fused_decode",
+            "--output_dir", str(tmp_path)]  # fmt: skip
+    assert bench.main(argv) == 0
+    report = json.loads((tmp_path / "bench_tiny_2l_static_fused-decode.json").read_text())
+    assert report["settings"]["fused_decode"] is True
+    assert all("error" not in record for record in report["results"]) and len(report["results"]) == 2
+    engines, generators = ({step[i] for step in steps} for i in (0, 1))
+    assert len(engines) == 2 and len(generators) == 1  # each side's engine, on the generator both sides share
+    options = bench.static_engine_options(bench.build_parser().parse_args(["--fused_decode", "--compile"]))
+    assert options["fused_decode"] is True and options["fused_decode_mode"] is None  # torch.compile's default mode
+
+
 @pytest.mark.parametrize("mode", ["default", "max-autotune-no-cudagraphs"])
 def test_compile_flag_compiles_the_shared_generator_once_and_each_compressor(tmp_path, monkeypatch, mode):
     compiled = []

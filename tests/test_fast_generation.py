@@ -116,6 +116,26 @@ def test_stacked_projections_under_cuda_graphs(make_model):
     assert isinstance(stacked_engine._state.prefill_graph, torch.cuda.CUDAGraph)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("stacked", [False, True])
+def test_fused_decode_under_cuda_graphs(make_model, stacked):
+    from scaledown.fast_generation import stack_projections
+
+    plain, fused = (make_model("mistral", lora_r=0).generator.to("cuda") for _ in range(2))  # the same weights
+    if stacked:
+        stack_projections(fused)
+    plain_engine, fused_engine = StaticGreedyGenerator(plain), StaticGreedyGenerator(fused, fused_decode=True)
+    seeded = torch.Generator().manual_seed(0)
+    for batch in (2, 2, 2, 3):  # capture, two replays, then a new shape (torch.compile's dynamic batch)
+        mask = torch.ones(batch, 24, dtype=torch.long, device="cuda")
+        ids = torch.randint(3, plain.config.vocab_size, (batch, 24), generator=seeded).cuda()
+        want_ids, want_scores = plain_engine.generate(mask, 8, input_ids=ids, return_scores=True)
+        got_ids, got_scores = fused_engine.generate(mask, 8, input_ids=ids, return_scores=True)
+        assert torch.equal(got_ids, want_ids)
+        torch.testing.assert_close(got_scores, want_scores, atol=1e-4, rtol=1e-4)
+    assert isinstance(fused_engine._state.graph, torch.cuda.CUDAGraph)
+
+
 def test_overlapped_stream_answers_each_batch_as_alone(make_model):
     from scaledown.fast_generation import generate_compressed_overlapped
 
@@ -685,3 +705,58 @@ def test_decode_steps_write_the_cache_at_the_engines_slot(make_model, monkeypatc
     assert torch.equal(fast[:, : expected.shape[1]], expected)
     assert len(own_updates) == model.generator.config.num_hidden_layers  # not once more per decode step
     assert all("update" not in vars(layer) for layer in engine._state.cache.layers)  # the layers' own method again
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])  # qwen2: query, key and value biases
+def test_fused_decode_steps_answer_as_the_generators_forward(make_model, arch):
+    from scaledown.fast_generation import stack_projections
+
+    model = make_model(arch, lora_r=0)
+    model.generator.float()  # float32: the same logits, not only the same argmax
+    cases = prompt_cases(model)  # padded text, a shared opening (prefilled apart below), compressed prompts
+    plain = StaticGreedyGenerator(model.generator, shared_prefix_min_tokens=1)
+    wanted = [plain.generate(max_new_tokens=6, return_scores=True, **case) for case in cases]
+    forwards = []  # decode steps that went through the generator's forward
+    model.generator.register_forward_pre_hook(lambda module, args, kwargs: forwards.append(kwargs), with_kwargs=True)
+    for stacked in (False, True):
+        if stacked:
+            stack_projections(model.generator)
+        fused = StaticGreedyGenerator(model.generator, shared_prefix_min_tokens=1, fused_decode=True)
+        for case, (want_ids, want_scores) in zip(cases, wanted):
+            forwards.clear()
+            got_ids, got_scores = fused.generate(max_new_tokens=6, return_scores=True, **case)
+            assert torch.equal(got_ids, want_ids)
+            torch.testing.assert_close(got_scores, want_scores, atol=1e-5, rtol=1e-5)
+            steps = [call for call in forwards if call.get("input_ids") is not None and call["input_ids"].shape[1] == 1]
+            assert forwards and not steps  # the prefill went through the generator's forward, no decode step did
+
+
+def test_fused_decode_compiles_once_for_every_layer(make_model):
+    from scaledown.fused_decode import FusedDecode
+
+    model = make_model("mistral", lora_r=0)
+    model.generator.float()
+    batch = model.input_builder(QUESTIONS, DOCUMENTS)
+    want_ids, want_scores = generate_compressed(
+        model, batch, StaticGreedyGenerator(model.generator), max_new_tokens=5, return_scores=True
+    )
+    engine = StaticGreedyGenerator(model.generator, fused_decode=True)
+    engine._fused = FusedDecode(model.generator, compile=True)  # compiled on CPU too (on CUDA by default)
+    torch._dynamo.utils.counters.clear()
+    got_ids, got_scores = generate_compressed(model, batch, engine, max_new_tokens=5, return_scores=True)
+    assert torch.equal(got_ids, want_ids)
+    torch.testing.assert_close(got_scores, want_scores, atol=1e-5, rtol=1e-4)
+    counters = torch._dynamo.utils.counters
+    assert not counters["graph_break"]
+    # the first layer's input (no residual yet), every other layer's input, every layer's output, the head
+    assert counters["stats"]["unique_graphs"] == 4 and model.generator.config.num_hidden_layers > 2
+
+
+def test_fused_decode_refuses_what_it_cannot_run(make_model):
+    from scaledown.fused_decode import unfusable_reason
+
+    model = make_model("llama", lora_target_modules=["q_proj", "up_proj"])  # LoRA-wrapped generator projections
+    with pytest.raises(ValueError, match="cannot run this generator: layer 0's query, key or value projection"):
+        StaticGreedyGenerator(model.generator, fused_decode=True)
+    assert unfusable_reason(torch.nn.Linear(2, 2)).startswith("Linear is not a Llama-family causal LM")
+    assert unfusable_reason(make_model("qwen2", lora_r=0).generator) is None

@@ -816,6 +816,13 @@ def build_parser() -> argparse.ArgumentParser:
         "product (Llama, Mistral, Qwen2 layers: the generator, both sides, and N-layers compressors)",
     )
     parser.add_argument(
+        "--fused_decode",
+        action="store_true",
+        help="static engine, both sides: each decode step through scaledown.fused_decode (a layer's residual sums "
+        "fused with its norms, its rotary embedding with its cache writes; compiled on CUDA, in --compile_mode "
+        "with --compile) instead of the generator's forward",
+    )
+    parser.add_argument(
         "--overlap_batches",
         type=int,
         default=1,
@@ -870,6 +877,8 @@ def static_engine_options(args) -> dict:
         shared_prefix_min_tokens=args.shared_prefix_min_tokens,
         suffix_attention_kernel=args.suffix_attention_kernel,
         last_layer_on_last_position=args.prefill_last_layer == "last_position",
+        fused_decode=args.fused_decode,
+        fused_decode_mode=compile_mode(args) if args.compile else None,
     )
 
 
@@ -917,6 +926,7 @@ def _settings(
         "compile": args.compile,
         "compile_mode": args.compile_mode if args.compile else None,
         "stack_projections": args.stack_projections,
+        "fused_decode": args.fused_decode,
         "overlap_batches": args.overlap_batches,
         "decode_attention_kernel": args.decode_attention_kernel,
         "shared_prefix_min_tokens": args.shared_prefix_min_tokens,
@@ -1006,6 +1016,7 @@ def run(args: argparse.Namespace) -> dict:
     stem += "_compiled" if args.compile else ""
     stem += "-max-autotune" if args.compile and compile_mode(args) else ""
     stem += "_stacked" if args.stack_projections else ""
+    stem += "_fused-decode" if args.fused_decode else ""
     stem += f"_encoder-{args.encoder_attn_implementation}" if args.encoder_attn_implementation else ""
     stem += f"_overlap{args.overlap_batches}" if args.overlap_batches > 1 else ""
     stem += f"_decode-{args.decode_attention_kernel}" if args.decode_attention_kernel != DECODE_ATTENTION_KERNEL else ""

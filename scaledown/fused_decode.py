@@ -1,0 +1,211 @@
+"""A Llama-family generator's one-token decode step as a few fused blocks, for `StaticGreedyGenerator`.
+
+At a small batch a decode step is a chain of small kernels: in the H100's batch-32 profile of Mistral-7B
+(benchmarks/NOTES.md) each layer ran, besides its seven products and its attention, about fifteen kernels of 1-3 us
+(two residual sums, two norms, the rotary embedding, two cache writes, the activation, layout copies), about 28 us a
+layer and 0.9 ms of a 9.5 ms step. transformers' layer code keeps them apart: the residual sum and the next norm live
+in different modules, the rotary embedding and the cache write in different functions. Here each layer is two
+functions of tensors, compiled once for every layer (the weights are arguments, not constants), with the attention
+between them:
+
+- `attention_input`: the previous layer's residual sum, the input norm, the query, key and value products, the rotary
+  embedding, the cache writes at the step's slot; returns the queries laid out by key/value group;
+- the attention over the cache (the engine's kernel: SDPA or flex, chosen per shape);
+- `attention_output`: the output product, the residual sum, the post-attention norm and the MLP; the MLP's residual sum
+  is left to the next layer's `attention_input` (or the final norm), where it fuses with the norm.
+
+Each function does what transformers' modules do, in their order (float32 norms included), so the logits equal
+transformers' up to the kernels' summation order. Eagerly (the CPU tests) it is the same arithmetic; compiled, inductor
+fuses each sum with its norm, the rotary embedding with the cache writes, the activation with its product.
+"""
+
+import torch
+import torch.nn.functional as F
+
+# Decoder layers whose forward is `attention_input`, attention, `attention_output` in the order above.
+FUSED_DECODE_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+
+
+def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm (Mistral's and Qwen2's are the same): statistics in float32."""
+    dtype = hidden.dtype
+    hidden = hidden.to(torch.float32)
+    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * hidden.to(dtype)
+
+
+def _rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' rotary embedding of `(batch, heads, head_dim)` by cos, sin `(batch, 1, head_dim)`."""
+    half = states.shape[-1] // 2
+    rotated = torch.cat((-states[..., half:], states[..., :half]), dim=-1)
+    return states * cos + rotated * sin
+
+
+def attention_input(
+    residual: torch.Tensor,
+    delta: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    projections: tuple,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's work up to its attention.
+
+    residual `(batch, 1, hidden)` plus the previous layer's MLP output `delta` (None for the first layer) is the
+    layer's input; projections: `((weight, bias),)` stacked `(q + k + v, hidden)` or the three of q, k, v; cos, sin
+    `(batch, 1, head_dim)`; key_cache, value_cache `(batch, kv_heads, slots, head_dim)`, written at `slot` `(1,)`.
+    Returns the layer's input (the next residual) and the queries `(batch, kv_heads, heads // kv_heads, head_dim)`.
+    """
+    if delta is not None:
+        residual = residual + delta
+    normed = _rms_norm(residual, norm_weight, eps)
+    if len(projections) == 1:
+        qkv = F.linear(normed, *projections[0])  # (batch, 1, q + k + v)
+        head_dim = qkv.shape[-1] // (heads + 2 * kv_heads)
+        query, key, value = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    else:
+        query, key, value = (F.linear(normed, weight, bias) for weight, bias in projections)
+    batch, head_dim = residual.shape[0], key_cache.shape[-1]
+    query = _rotate(query.view(batch, heads, head_dim), cos, sin)  # (batch, heads, head_dim)
+    key = _rotate(key.view(batch, kv_heads, head_dim), cos, sin)
+    key_cache.index_copy_(2, slot, key[:, :, None])
+    value_cache.index_copy_(2, slot, value.view(batch, kv_heads, 1, head_dim))
+    # head h reads key/value head h // (heads / kv_heads), as transformers' repeated heads do
+    return residual, query.reshape(batch, kv_heads, heads // kv_heads, head_dim)
+
+
+def attention_output(
+    attended: torch.Tensor,
+    residual: torch.Tensor,
+    output_projection: tuple,
+    norm_weight: torch.Tensor,
+    eps: float,
+    mlp_projections: tuple,
+    act,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's work after its attention.
+
+    attended `(batch, kv_heads, group, head_dim)`, the attention's output; residual `(batch, 1, hidden)`, the layer's
+    input; output_projection `(weight, bias)`; mlp_projections `((gate_up_weight, bias), (down_weight, bias))` stacked
+    or `((gate...), (up...), (down...))`. Returns the next residual and the MLP's output, whose sum is the layer's
+    output (left to the next layer, whose norm it fuses with).
+    """
+    batch = attended.shape[0]
+    residual = residual + F.linear(attended.reshape(batch, 1, -1), *output_projection)
+    normed = _rms_norm(residual, norm_weight, eps)
+    if len(mlp_projections) == 2:
+        gate, up = F.linear(normed, *mlp_projections[0]).chunk(2, dim=-1)
+    else:
+        gate, up = (F.linear(normed, weight, bias) for weight, bias in mlp_projections[:2])
+    return residual, F.linear(act(gate) * up, *mlp_projections[-1])
+
+
+def final_logits(
+    residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float, head: tuple
+) -> torch.Tensor:
+    """The last layer's output through the final norm and the LM head: `(batch, vocab)`."""
+    return F.linear(_rms_norm(residual + delta, norm_weight, eps), *head)[:, -1]
+
+
+def _weights(linear) -> tuple:
+    return linear.weight, linear.bias
+
+
+def _plain_linear(*modules) -> bool:
+    return all(type(module) is torch.nn.Linear for module in modules)
+
+
+def unfusable_reason(generator) -> str | None:
+    """Why `FusedDecode` cannot run this generator's decode step, or None when it can."""
+    decoder = generator.get_decoder() if hasattr(generator, "get_decoder") else None
+    if decoder is None or not all(hasattr(decoder, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return f"{type(generator).__name__} is not a Llama-family causal LM (embed_tokens, layers, norm, rotary_emb)"
+    for index, layer in enumerate(decoder.layers):
+        name = type(layer).__name__
+        if name not in FUSED_DECODE_LAYERS:
+            return f"layer {index} is a {name}, not one of {', '.join(FUSED_DECODE_LAYERS)}"
+        attention, mlp = layer.self_attn, layer.mlp
+        stacked_attention = hasattr(attention, "stacked_qkv_weight")
+        if not stacked_attention and not _plain_linear(attention.q_proj, attention.k_proj, attention.v_proj):
+            return f"layer {index}'s query, key or value projection is a {type(attention.q_proj).__name__} (LoRA?)"
+        gate = () if hasattr(mlp, "gate_up_weight") else (mlp.gate_proj, mlp.up_proj)
+        if not _plain_linear(attention.o_proj, mlp.down_proj, *gate):
+            return f"layer {index}'s output or MLP projections are not plain nn.Linear layers (LoRA?)"
+    modules = [generator, decoder, *decoder.modules()]
+    if any(getattr(module, "_hf_hook", None) is not None for module in modules):
+        return "accelerate hooks (device_map offloading) move weights at each call"
+    return None
+
+
+class FusedDecode:
+    """The decode step of a Llama, Mistral or Qwen2 generator through `attention_input`, the attention and
+    `attention_output` for each layer (module docstring), reading the generator's own weights at each call.
+
+    compile: torch.compile the three functions (None: on CUDA only, where their fusion is the point; the eager form is
+    the same arithmetic, which the CPU tests compare with transformers' forward). mode: torch.compile's mode.
+    Projections stacked by `stack_projections` are read as their stacks. LoRA-wrapped projections and offloaded
+    weights are refused with the reason (`unfusable_reason`); merge adapters first.
+    """
+
+    def __init__(self, generator: torch.nn.Module, compile: bool | None = None, mode: str | None = None):
+        reason = unfusable_reason(generator)
+        if reason is not None:
+            raise ValueError(f"The fused decode step cannot run this generator: {reason}. Leave it off for this model.")
+        self.generator = generator
+        self.compile = compile
+        self.mode = mode
+        self._compiled = None
+
+    def _functions(self, device: torch.device) -> tuple:
+        if not (self.compile if self.compile is not None else device.type == "cuda"):
+            return attention_input, attention_output, final_logits
+        if self._compiled is None:
+            functions = (attention_input, attention_output, final_logits)
+            self._compiled = tuple(torch.compile(function, mode=self.mode) for function in functions)
+        return self._compiled
+
+    @torch.no_grad()
+    def __call__(self, tokens, positions, caches, slot, allowed, attend) -> torch.Tensor:
+        """Logits `(batch, vocab)` of one step, the step's keys and values written into `caches` at `slot`.
+
+        tokens, positions `(batch, 1)`; caches: each layer's `(keys, values)` `(batch, kv_heads, slots, head_dim)`,
+        position i at slot i (a sliding window is no shorter than the cache: the engine refuses shorter ones); slot
+        `(1,)`; allowed `(batch, 1, 1, slots)` boolean; attend(query, keys, values, allowed, scaling) returns
+        `(batch, kv_heads, group, head_dim)` for queries laid out so.
+        """
+        decoder = self.generator.get_decoder()
+        config = self.generator.config
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        before, after, last = self._functions(tokens.device)
+        residual = decoder.embed_tokens(tokens)  # (batch, 1, hidden)
+        cos, sin = decoder.rotary_emb(residual, position_ids=positions)  # (batch, 1, head_dim) each
+        act = decoder.layers[0].mlp.act_fn  # one object for every layer: compiled once
+        delta = None
+        for layer, (keys, values) in zip(decoder.layers, caches):
+            attention, mlp = layer.self_attn, layer.mlp
+            if hasattr(attention, "stacked_qkv_weight"):
+                projections = ((attention.stacked_qkv_weight, attention.stacked_qkv_bias),)
+            else:
+                projections = tuple(_weights(p) for p in (attention.q_proj, attention.k_proj, attention.v_proj))
+            if hasattr(mlp, "gate_up_weight"):
+                mlp_projections = ((mlp.gate_up_weight, mlp.gate_up_bias), _weights(mlp.down_proj))
+            else:
+                mlp_projections = tuple(_weights(p) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+            norm = layer.input_layernorm
+            residual, query = before(
+                residual, delta, norm.weight, norm.variance_epsilon, projections, cos, sin, keys, values, slot,
+                heads, kv_heads,
+            )
+            attended = attend(query, keys, values, allowed, attention.scaling)
+            norm = layer.post_attention_layernorm
+            residual, delta = after(
+                attended, residual, _weights(attention.o_proj), norm.weight, norm.variance_epsilon, mlp_projections, act
+            )
+        head = self.generator.get_output_embeddings()
+        return last(residual, delta, decoder.norm.weight, decoder.norm.variance_epsilon, _weights(head))
