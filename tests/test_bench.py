@@ -569,8 +569,8 @@ def test_goal_table_lists_every_run_and_marks_misses(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "name",
-    ["check_fast_path", "compression_profile", "decode_attention", "encoder_attention", "gemm_ceiling", "goal_table",
-     "overlap_timeline", "phase_times", "split_decode", "suffix_attention", "train_throughput"],
+    ["check_fast_path", "compression_profile", "decode_attention", "decode_levers", "encoder_attention", "gemm_ceiling",
+     "goal_table", "overlap_timeline", "phase_times", "split_decode", "suffix_attention", "train_throughput"],
 )  # fmt: skip
 def test_benchmark_scripts_parse_their_command_lines(name, monkeypatch, capsys):
     """The scripts that extend the bench's parser must not clash with flags it gains later."""
@@ -579,3 +579,17 @@ def test_benchmark_scripts_parse_their_command_lines(name, monkeypatch, capsys):
     with pytest.raises(SystemExit) as stop:
         script.main()
     assert stop.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_decode_levers_times_each_configuration(tmp_path, monkeypatch):
+    script = _benchmark_script("decode_levers")
+    argv = ["decode_levers.py", "--shape", "tiny", "--device", "cpu", "--cases", "2x12", "--new_tokens", "3",
+            "--levers", "stacked+fused,plain", "--repeats", "1", "--warmup", "0", "--output_dir", str(tmp_path)]
+    monkeypatch.setattr("sys.argv", argv)  # fmt: skip
+    script.main()
+    report = json.loads((tmp_path / "decode_levers.json").read_text())
+    assert [row["lever"] for row in report["rows"]] == ["plain", "stacked+fused"]  # unstacked first, whatever asked
+    assert all(row["ms_per_step"] > 0 and (row["batch"], row["prompt_len"]) == (2, 12) for row in report["rows"])
+    monkeypatch.setattr("sys.argv", argv[:-2] + ["--levers", "plain,unrolled"])
+    with pytest.raises(SystemExit, match="Unknown levers"):
+        script.main()
