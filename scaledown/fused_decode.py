@@ -62,16 +62,15 @@ def attention_input(
     `(batch, 1, head_dim)`; key_cache, value_cache `(batch, kv_heads, slots, head_dim)`, written at `slot` `(1,)`.
     Returns the layer's input (the next residual) and the queries `(batch, kv_heads, heads // kv_heads, head_dim)`.
     """
+    batch, head_dim = residual.shape[0], key_cache.shape[-1]
     if delta is not None:
         residual = residual + delta
     normed = _rms_norm(residual, norm_weight, eps)
     if len(projections) == 1:
         qkv = F.linear(normed, *projections[0])  # (batch, 1, q + k + v)
-        head_dim = qkv.shape[-1] // (heads + 2 * kv_heads)
         query, key, value = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     else:
         query, key, value = (F.linear(normed, weight, bias) for weight, bias in projections)
-    batch, head_dim = residual.shape[0], key_cache.shape[-1]
     query = _rotate(query.view(batch, heads, head_dim), cos, sin)  # (batch, heads, head_dim)
     key = _rotate(key.view(batch, kv_heads, head_dim), cos, sin)
     key_cache.index_copy_(2, slot, key[:, :, None])
