@@ -271,6 +271,14 @@ def test_max_batch_steps_down_when_repeated_runs_run_out_of_memory(monkeypatch):
     assert handling and not any(handling)
 
 
+def tiny_static_argv(tmp_path, *flags, compressor="2l", batch_sizes="2", num_documents=1, new_tokens=2, repeats=1):
+    """The bench's command line on the tiny shape with the static engine on CPU, 8-token queries and documents."""
+    return ["--shape", "tiny", "--compressor", compressor, "--batch_sizes", batch_sizes, "--engine", "static",
+            "--query_tokens", "8", "--document_tokens", "8", "--num_documents", str(num_documents),
+            "--new_tokens", str(new_tokens), "--repeats", str(repeats), "--warmup", "0", "--device", "cpu", *flags,
+            "--output_dir", str(tmp_path)]  # fmt: skip
+
+
 def test_static_engine_bench_on_tiny_shapes(tmp_path):
     argv = ["--shape", "tiny", "--compressor", "2l,modernbert-base", "--batch_sizes", "2", "--engine", "static",
             "--query_tokens", "12", "--document_tokens", "16", "--num_documents", "2", "--new_tokens", "3",
@@ -288,10 +296,7 @@ def test_static_engine_bench_on_tiny_shapes(tmp_path):
 
 
 def test_profile_flag_writes_each_sides_kernel_table(tmp_path):
-    argv = ["--shape", "tiny", "--compressor", "2l", "--batch_sizes", "1,2", "--engine", "static",
-            "--query_tokens", "8", "--document_tokens", "8", "--num_documents", "1", "--new_tokens", "2",
-            "--repeats", "1", "--warmup", "0", "--device", "cpu", "--profile",
-            "--output_dir", str(tmp_path)]  # fmt: skip
+    argv = tiny_static_argv(tmp_path, "--profile", batch_sizes="1,2")
     assert bench.main(argv) == 0
     tables = sorted(path.name for path in tmp_path.glob("*_profile_*.txt"))
     assert tables == [f"bench_tiny_2l_static_profile_{side}_b{batch}.txt" for side in ("2l", "uncompressed")
@@ -305,10 +310,7 @@ def test_profile_flag_writes_each_sides_kernel_table(tmp_path):
 
 @pytest.mark.parametrize("setting,suffix_kernel", [("1", "masked"), ("off", "auto")])
 def test_shared_prefix_flags_reach_both_sides(tmp_path, setting, suffix_kernel):
-    argv = ["--shape", "tiny", "--compressor", "2l", "--batch_sizes", "2", "--engine", "static",
-            "--query_tokens", "8", "--document_tokens", "8", "--num_documents", "1", "--new_tokens", "2",
-            "--repeats", "1", "--warmup", "0", "--device", "cpu", "--shared_prefix_min_tokens", setting,
-            "--suffix_attention_kernel", suffix_kernel, "--output_dir", str(tmp_path)]  # fmt: skip
+    argv = tiny_static_argv(tmp_path, "--shared_prefix_min_tokens", setting, "--suffix_attention_kernel", suffix_kernel)
     assert bench.main(argv) == 0
     stem = "bench_tiny_2l_static" + ("_no-shared-prefix" if setting == "off" else "_suffix-masked")
     report = json.loads((tmp_path / f"{stem}.json").read_text())
@@ -340,10 +342,7 @@ def test_stack_projections_flag_stacks_the_generator_and_n_layers_compressors(tm
         return said
 
     monkeypatch.setattr(bench, "stack_projections", stack_and_record)
-    argv = ["--shape", "tiny", "--compressor", "2l,modernbert-base", "--batch_sizes", "2", "--engine", "static",
-            "--query_tokens", "8", "--document_tokens", "8", "--num_documents", "1", "--new_tokens", "2",
-            "--repeats", "1", "--warmup", "0", "--device", "cpu", "--stack_projections",
-            "--output_dir", str(tmp_path)]  # fmt: skip
+    argv = tiny_static_argv(tmp_path, "--stack_projections", compressor="2l,modernbert-base")
     assert bench.main(argv) == 0
     layers = bench.GENERATOR_SHAPES["tiny"]["num_hidden_layers"]
     assert [name for name, _ in stacked] == ["LlamaForCausalLM", "LlamaModel"]  # an encoder has nothing to stack
@@ -367,10 +366,7 @@ def test_fused_decode_flag_reaches_both_sides(tmp_path, monkeypatch):
             return super().__call__(*args, **kwargs)
 
     monkeypatch.setattr(fast_generation, "FusedDecode", RecordedFusedDecode)
-    argv = ["--shape", "tiny", "--compressor", "2l", "--batch_sizes", "2", "--engine", "static",
-            "--query_tokens", "8", "--document_tokens", "8", "--num_documents", "1", "--new_tokens", "3",
-            "--repeats", "1", "--warmup", "0", "--device", "cpu", "--fused_decode",
-            "--output_dir", str(tmp_path)]  # fmt: skip
+    argv = tiny_static_argv(tmp_path, "--fused_decode", new_tokens=3)
     assert bench.main(argv) == 0
     report = json.loads((tmp_path / "bench_tiny_2l_static_fused-decode.json").read_text())
     assert report["settings"]["fused_decode"] is True
@@ -387,10 +383,8 @@ def test_compile_flag_compiles_the_shared_generator_once_and_each_compressor(tmp
     record = compiled.append
     monkeypatch.setattr(bench, "compile_elementwise_work", lambda module, m: record((type(module).__name__, m)))
     monkeypatch.setattr(bench, "compile_compressor", lambda model, m: record((model.config.compressor_type, m)))
-    argv = ["--shape", "tiny", "--compressor", "2l,modernbert-base", "--batch_sizes", "1", "--engine", "static",
-            "--query_tokens", "8", "--document_tokens", "8", "--num_documents", "1", "--new_tokens", "2",
-            "--repeats", "1", "--warmup", "0", "--device", "cpu", "--compile", "--compile_mode", mode,
-            "--output_dir", str(tmp_path)]  # fmt: skip
+    flags = ("--compile", "--compile_mode", mode)
+    argv = tiny_static_argv(tmp_path, *flags, compressor="2l,modernbert-base", batch_sizes="1")
     assert bench.main(argv) == 0
     passed = None if mode == "default" else mode  # torch.compile's own default
     assert [name for name, _ in compiled[1:]] == ["n_layers", "encoder"] and compiled[0][0].endswith("ForCausalLM")
@@ -401,10 +395,8 @@ def test_compile_flag_compiles_the_shared_generator_once_and_each_compressor(tmp
 
 
 def test_encoder_attention_flag_reaches_encoder_compressors_only(tmp_path):
-    argv = ["--shape", "tiny", "--compressor", "2l,modernbert-base", "--batch_sizes", "1", "--engine", "static",
-            "--query_tokens", "8", "--document_tokens", "8", "--num_documents", "1", "--new_tokens", "2",
-            "--repeats", "1", "--warmup", "0", "--device", "cpu", "--encoder_attn_implementation", "eager",
-            "--output_dir", str(tmp_path)]  # fmt: skip
+    flags = ("--encoder_attn_implementation", "eager")
+    argv = tiny_static_argv(tmp_path, *flags, compressor="2l,modernbert-base", batch_sizes="1")
     assert bench.main(argv) == 0
     report = json.loads((tmp_path / "bench_tiny_2l-modernbert-base_static_encoder-eager.json").read_text())
     assert report["settings"]["encoder_attn_implementation"] == "eager"
@@ -422,10 +414,7 @@ def test_overlapped_stream_is_timed_per_batch(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "generate_compressed_overlapped", recording)
     timed = bench.timed_runs
     monkeypatch.setattr(bench, "timed_runs", lambda *a, **k: [0.3 for _ in timed(*a, **k)])  # each run: 0.3 s
-    argv = ["--shape", "tiny", "--compressor", "2l", "--batch_sizes", "2", "--engine", "static",
-            "--query_tokens", "8", "--document_tokens", "8", "--num_documents", "2", "--new_tokens", "3",
-            "--repeats", "2", "--warmup", "0", "--device", "cpu", "--overlap_batches", "3",
-            "--output_dir", str(tmp_path)]  # fmt: skip
+    argv = tiny_static_argv(tmp_path, "--overlap_batches", "3", num_documents=2, new_tokens=3, repeats=2)
     assert bench.main(argv) == 0
     assert streams == [3, 3, 3]  # the output check, then two timed runs, each a stream of 3 batches
     report = json.loads((tmp_path / "bench_tiny_2l_static_overlap3.json").read_text())
