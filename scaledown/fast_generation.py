@@ -32,7 +32,7 @@ from transformers.cache_utils import StaticLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ._compat import cache_keyword
-from .fused_decode import FusedDecode
+from .fused_decode import FusedDecode, rotate
 
 # How a decode step's grouped attention is computed: "sdpa" lets PyTorch pick (cuDNN on an H100), the next three force
 # one SDPA backend, "matmul" is two batched matrix products around a float32 softmax, "flex" is PyTorch's flex
@@ -373,15 +373,6 @@ def _read_rows(model, lengths: torch.LongTensor) -> torch.LongTensor:
     return lengths[:, None] - read + torch.arange(read, device=lengths.device)
 
 
-def _rotate_keys(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The Llama-family rotary embedding of `(batch, kv_heads, length, head_dim)` keys with `(1 or batch, length,
-    head_dim)` angles. Written out rather than through the modeling file's function, which rotates a query and a key
-    together and, compiled (`compile_elementwise_work`), would recompile for keys alone."""
-    half = keys.shape[-1] // 2
-    rotated = torch.cat((-keys[..., half:], keys[..., :half]), dim=-1)
-    return keys * cos[:, None] + rotated * sin[:, None]
-
-
 class _CompletedKeys:
     """Stands in for a layer's cache once its keys and values are complete: the layer's own `update` hands them back
     instead of adding the positions it runs again."""
@@ -421,7 +412,8 @@ def _keep_rows_of_last_layer(rows: torch.Tensor | None):
         keys = attention.k_proj(normed).view(shape).transpose(1, 2)  # (batch, kv_heads, length, head_dim)
         values = attention.v_proj(normed).view(shape).transpose(1, 2)
         cos, sin = (angles.expand(batch, -1, -1) for angles in kwargs["position_embeddings"])  # (batch, length, hd)
-        keys = _rotate_keys(keys, cos, sin)
+        # not the modeling file's function, which, compiled (`compile_elementwise_work`), would recompile for keys alone
+        keys = rotate(keys, cos[:, None], sin[:, None])
         if cache is not None:
             keys, values = cache.update(keys, values, attention.layer_idx)  # (batch, kv_heads, past + length, hd)
 

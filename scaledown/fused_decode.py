@@ -34,8 +34,9 @@ def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return weight * hidden.to(dtype)
 
 
-def _rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """transformers' rotary embedding of `(batch, heads, head_dim)` by cos, sin `(batch, 1, head_dim)`."""
+def rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The Llama-family rotary embedding of `(..., head_dim)` states by angles cos, sin that broadcast against them.
+    Written out rather than through a modeling file's function, which rotates a query and a key together."""
     half = states.shape[-1] // 2
     rotated = torch.cat((-states[..., half:], states[..., :half]), dim=-1)
     return states * cos + rotated * sin
@@ -71,8 +72,8 @@ def attention_input(
         query, key, value = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     else:
         query, key, value = (F.linear(normed, weight, bias) for weight, bias in projections)
-    query = _rotate(query.view(batch, heads, head_dim), cos, sin)  # (batch, heads, head_dim)
-    key = _rotate(key.view(batch, kv_heads, head_dim), cos, sin)
+    query = rotate(query.view(batch, heads, head_dim), cos, sin)  # (batch, heads, head_dim)
+    key = rotate(key.view(batch, kv_heads, head_dim), cos, sin)
     key_cache.index_copy_(2, slot, key[:, :, None])
     value_cache.index_copy_(2, slot, value.view(batch, kv_heads, 1, head_dim))
     # head h reads key/value head h // (heads / kv_heads), as transformers' repeated heads do
@@ -146,23 +147,23 @@ class FusedDecode:
     """The decode step of a Llama, Mistral or Qwen2 generator through `attention_input`, the attention and
     `attention_output` for each layer (module docstring), reading the generator's own weights at each call.
 
-    compile: torch.compile the three functions (None: on CUDA only, where their fusion is the point; the eager form is
+    use_compile: torch.compile the three functions (None: on CUDA only, where their fusion is the point; the eager form is
     the same arithmetic, which the CPU tests compare with transformers' forward). mode: torch.compile's mode.
     Projections stacked by `stack_projections` are read as their stacks. LoRA-wrapped projections and offloaded
     weights are refused with the reason (`unfusable_reason`); merge adapters first.
     """
 
-    def __init__(self, generator: torch.nn.Module, compile: bool | None = None, mode: str | None = None):
+    def __init__(self, generator: torch.nn.Module, use_compile: bool | None = None, mode: str | None = None):
         reason = unfusable_reason(generator)
         if reason is not None:
             raise ValueError(f"The fused decode step cannot run this generator: {reason}. Leave it off for this model.")
         self.generator = generator
-        self.compile = compile
+        self.use_compile = use_compile
         self.mode = mode
         self._compiled = None
 
     def _functions(self, device: torch.device) -> tuple:
-        if not (self.compile if self.compile is not None else device.type == "cuda"):
+        if not (self.use_compile if self.use_compile is not None else device.type == "cuda"):
             return attention_input, attention_output, final_logits
         if self._compiled is None:
             functions = (attention_input, attention_output, final_logits)

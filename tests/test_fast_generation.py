@@ -741,7 +741,7 @@ def test_fused_decode_compiles_once_for_every_layer(make_model):
         model, batch, StaticGreedyGenerator(model.generator), max_new_tokens=5, return_scores=True
     )
     engine = StaticGreedyGenerator(model.generator, fused_decode=True)
-    engine._fused = FusedDecode(model.generator, compile=True)  # compiled on CPU too (on CUDA by default)
+    engine._fused = FusedDecode(model.generator, use_compile=True)  # compiled on CPU too (on CUDA by default)
     torch._dynamo.utils.counters.clear()
     got_ids, got_scores = generate_compressed(model, batch, engine, max_new_tokens=5, return_scores=True)
     assert torch.equal(got_ids, want_ids)
