@@ -147,8 +147,8 @@ class FusedDecode:
     """The decode step of a Llama, Mistral or Qwen2 generator through `attention_input`, the attention and
     `attention_output` for each layer (module docstring), reading the generator's own weights at each call.
 
-    use_compile: torch.compile the three functions (None: on CUDA only, where their fusion is the point; the eager form is
-    the same arithmetic, which the CPU tests compare with transformers' forward). mode: torch.compile's mode.
+    use_compile: torch.compile the three functions (None: on CUDA only, where their fusion is the point; the eager
+    form is the same arithmetic, which the CPU tests compare with transformers' forward). mode: torch.compile's mode.
     Projections stacked by `stack_projections` are read as their stacks. LoRA-wrapped projections and offloaded
     weights are refused with the reason (`unfusable_reason`); merge adapters first.
     """
