@@ -1,7 +1,7 @@
 """Does the fast engine compute what transformers' `generate` computes? Logits and greedy tokens, both sides.
 
     python benchmarks/check_fast_path.py --shape mistral-7b --compressor 8l --batch_size 4 [--compile] [--float32_reference]
-        [--stack_projections] [--fused_decode]
+        [--stack_projections] [--fuse_residual_norms] [--fused_decode]
 
 Random weights of the real shape (no download). Prints, per side, the largest and mean logit difference over the
 steps whose prefix is the same on both paths, and how many greedy tokens agree before the first divergence (bf16
@@ -21,7 +21,6 @@ from scaledown.fast_generation import (
     compile_compressor,
     compile_elementwise_work,
     generate_compressed,
-    stack_projections,
 )
 from scaledown.modeling_scaledown import text_prompt
 
@@ -105,12 +104,11 @@ def main() -> None:
     float32 = {}
     if args.float32_reference:
         float32 = {name: float32_reference(module, generate) for name, (module, generate) in run_plain.items()}
-    if args.stack_projections:
-        print(f"generator: stacked the {stack_projections(generator)}")
-        for name, model in models.items():
-            stacked = bench.stack_compressor_projections(model)
-            if stacked is not None:
-                print(f"{name} compressor: stacked the {stacked}")
+    for said in bench.change_layers(generator, args):
+        print(f"generator: {said}")
+    for name, model in models.items():
+        for said in bench.change_compressor_layers(model, args):
+            print(f"{name} compressor: {said}")
     if args.compile:
         mode = bench.compile_mode(args)
         print(f"generator: compiled {compile_elementwise_work(generator, mode)}")
@@ -134,6 +132,7 @@ def main() -> None:
         kernel = f", remainder attention {engine.last_suffix_attention}" if engine.last_shared_prefix else ""
         print(f"{name}: shared prefix of {engine.last_shared_prefix} tokens prefilled once{kernel}")
     engine = "fast path" + (" (compiled)" if args.compile else "") + (" (stacked)" if args.stack_projections else "")
+    engine += " (fused residual norms)" if args.fuse_residual_norms else ""
     engine += " (fused decode)" if args.fused_decode else ""
     for name in run_plain:
         print(f"== {name}")

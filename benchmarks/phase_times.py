@@ -5,7 +5,7 @@
 Uncompressed side (the generator reading the document text), random weights of the real shape, the bench's
 protocol. Each phase is timed alone and set beside its roofline time, so the slow phase shows itself. The bench's
 flags that change the generator or its engine apply here too (--compile, --compile_mode, --stack_projections,
---fused_decode, --decode_attention_kernel, ...); its --profile prints each phase's top kernels (torch.profiler).
+--fuse_residual_norms, --fused_decode, --decode_attention_kernel, ...); its --profile prints each phase's top kernels (torch.profiler).
 """
 
 import json
@@ -17,7 +17,7 @@ import torch
 from scaledown.evaluation import bench
 from scaledown.evaluation.evaluate import resolve_device, resolve_dtype, tokenize_text_prompts
 from scaledown.evaluation.flops import TransformerShape, detect_hardware, generator_phases
-from scaledown.fast_generation import StaticGreedyGenerator, compile_elementwise_work, stack_projections
+from scaledown.fast_generation import StaticGreedyGenerator, compile_elementwise_work
 from scaledown.modeling_scaledown import text_prompt
 from split_decode import rewind
 
@@ -42,8 +42,8 @@ def main() -> None:
     hardware = detect_hardware(device, args.peak_tflops, args.peak_bandwidth_tbs)
     _, generator, tokenizer, system_prompt, _, _, protocol = bench._load_models(args, device, dtype, print)
     shape = TransformerShape.from_config(generator.config)
-    if args.stack_projections:  # what the bench's --stack_projections does to the generator, before compiling
-        print(f"stacked the {stack_projections(generator)}", flush=True)
+    for said in bench.change_layers(generator, args):  # what the bench's flags do to the generator, before compiling
+        print(said, flush=True)
     if args.compile:  # what the bench's --compile does to the generator
         print(f"compiled {compile_elementwise_work(generator, bench.compile_mode(args))}", flush=True)
     batch_sizes = [int(b) for b in args.phase_batch_sizes.split(",")]
@@ -106,10 +106,12 @@ def main() -> None:
               f"{r['rest_ms']:.1f} |")  # fmt: skip
     os.makedirs(args.output_dir, exist_ok=True)
     stem = f"phase_times_{args.shape}{'_compiled' if args.compile else ''}{'_stacked' if args.stack_projections else ''}"
+    stem += "_residual-norms" if args.fuse_residual_norms else ""
     stem += "_fused-decode" if args.fused_decode else ""
     report = {
         "device": bench._device_name(device), "protocol": str(protocol), "compile": args.compile,
-        "stack_projections": args.stack_projections, "fused_decode": args.fused_decode, "rows": rows,
+        "stack_projections": args.stack_projections,
+        "fuse_residual_norms": args.fuse_residual_norms, "fused_decode": args.fused_decode, "rows": rows,
     }  # fmt: skip
     path = os.path.join(args.output_dir, f"{stem}.json")
     with open(path, "w") as handle:

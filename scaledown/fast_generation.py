@@ -32,7 +32,7 @@ from transformers.cache_utils import StaticLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ._compat import cache_keyword
-from .fused_decode import FusedDecode, rotate
+from .fused_layers import FusedDecode, rotate
 
 # How a decode step's grouped attention is computed: "sdpa" lets PyTorch pick (cuDNN on an H100), the next three force
 # one SDPA backend, "matmul" is two batched matrix products around a float32 softmax, "flex" is PyTorch's flex
@@ -398,8 +398,9 @@ def _keep_rows_of_last_layer(rows: torch.Tensor | None):
 
     def keep_rows(layer, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]  # (batch, length, hidden)
-        keyword = cache_keyword(layer)
-        cache, attention = kwargs.get(keyword), layer.self_attn
+        attention = layer.self_attn
+        keyword = cache_keyword(attention)  # the layer's keyword too (transformers' layers pass theirs on as is)
+        cache = kwargs.get(keyword)
         batch, length = hidden.shape[:2]
         past = cache.get_seq_length(attention.layer_idx) if cache is not None else 0
         kept_rows = rows

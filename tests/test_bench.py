@@ -355,6 +355,29 @@ def test_stack_projections_flag_stacks_the_generator_and_n_layers_compressors(tm
     assert all("error" not in record for record in report["results"]) and len(report["results"]) == 3
 
 
+def test_layer_flags_change_the_generator_then_n_layers_compressors_before_compiling(tmp_path, monkeypatch, capsys):
+    from scaledown.fused_layers import fuse_residual_norms
+
+    changed = []  # (what, module class) in call order
+    monkeypatch.setattr(bench, "stack_projections", lambda module: changed.append(("stack", type(module).__name__)))
+    monkeypatch.setattr(
+        bench, "fuse_residual_norms",
+        lambda module: changed.append(("fuse", type(module).__name__)) or fuse_residual_norms(module),
+    )  # fmt: skip
+    monkeypatch.setattr(bench, "compile_elementwise_work", lambda module, mode: changed.append(("compile", "")))
+    monkeypatch.setattr(bench, "compile_compressor", lambda model, mode: changed.append(("compile", "")))
+    flags = ("--stack_projections", "--fuse_residual_norms", "--compile")
+    assert bench.main(tiny_static_argv(tmp_path, *flags, compressor="2l,modernbert-base")) == 0
+    generator, compressor = "LlamaForCausalLM", "LlamaModel"  # an encoder compressor has no Llama layers
+    assert changed == [("stack", generator), ("fuse", generator), ("compile", ""),
+                       ("stack", compressor), ("fuse", compressor), ("compile", ""), ("compile", "")]  # fmt: skip
+    layers = bench.GENERATOR_SHAPES["tiny"]["num_hidden_layers"]
+    assert f"generator: fused the residual sums of {layers} decoder layers" in capsys.readouterr().out
+    stem = "bench_tiny_2l-modernbert-base_static_compiled_stacked_residual-norms"
+    report = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert report["settings"]["fuse_residual_norms"] is True and report["settings"]["stack_projections"] is True
+
+
 def test_fused_decode_flag_reaches_both_sides(tmp_path, monkeypatch):
     from scaledown import fast_generation
 

@@ -732,7 +732,7 @@ def test_fused_decode_steps_answer_as_the_generators_forward(make_model, arch):
 
 
 def test_fused_decode_compiles_once_for_every_layer(make_model):
-    from scaledown.fused_decode import FusedDecode
+    from scaledown.fused_layers import FusedDecode
 
     model = make_model("mistral", lora_r=0)
     model.generator.float()
@@ -753,10 +753,63 @@ def test_fused_decode_compiles_once_for_every_layer(make_model):
 
 
 def test_fused_decode_refuses_what_it_cannot_run(make_model):
-    from scaledown.fused_decode import unfusable_reason
+    from scaledown.fused_layers import unfusable_reason
 
     model = make_model("llama", lora_target_modules=["q_proj", "up_proj"])  # LoRA-wrapped generator projections
     with pytest.raises(ValueError, match="cannot run this generator: layer 0's query, key or value projection"):
         StaticGreedyGenerator(model.generator, fused_decode=True)
     assert unfusable_reason(torch.nn.Linear(2, 2)).startswith("Linear is not a Llama-family causal LM")
     assert unfusable_reason(make_model("qwen2", lora_r=0).generator) is None
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_fused_residual_norms_answer_as_the_layers_they_replace(make_model, arch):
+    from scaledown.fast_generation import compress_batch
+    from scaledown.fused_layers import ResidualNormDecoderLayer, fuse_residual_norms
+
+    model = make_model(arch, lora_r=0, enable_reranking=True).float()
+    generator = model.generator
+    batch = model.input_builder(QUESTIONS, DOCUMENTS, return_query_lengths=True)
+    cases = prompt_cases(model)
+    norm_calls = []  # the layers' input norms run as modules (not handed over by the layer before)
+    for layer in generator.get_decoder().layers:
+        layer.input_layernorm.register_forward_hook(lambda *args: norm_calls.append(1))
+
+    def outputs():
+        engine = StaticGreedyGenerator(generator, shared_prefix_min_tokens=1)  # the shared prefix and last-layer hook
+        answers = [engine.generate(max_new_tokens=5, return_scores=True, **case) for case in cases]
+        norm_calls.clear()
+        with torch.no_grad():
+            logits = generator(input_ids=cases[1]["input_ids"]).logits
+        return compress_batch(model, batch), answers, logits, len(norm_calls)
+
+    before, state = outputs(), {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    layers = generator.config.num_hidden_layers + model.config.num_compressor_layers
+    assert fuse_residual_norms(model) == f"residual sums of {layers} decoder layers"
+    assert all(isinstance(layer, ResidualNormDecoderLayer) for layer in generator.get_decoder().layers)
+    after = outputs()
+    assert before[3] == generator.config.num_hidden_layers and after[3] == 1  # only the first layer norms its input
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+    assert list(model.state_dict()) == list(state)
+    for got, want in zip(after[0], before[0]):  # memory vectors, rerank scores
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for (got_ids, got_scores), (want_ids, want_scores) in zip(after[1], before[1]):
+        assert torch.equal(got_ids, want_ids)
+        torch.testing.assert_close(got_scores, want_scores, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after[2], before[2], atol=1e-5, rtol=1e-5)
+    assert fuse_residual_norms(model) == "residual sums of 0 decoder layers"
+
+
+def test_fused_residual_norms_compile_and_carry_lora(make_model):
+    from scaledown.fused_layers import fuse_residual_norms
+
+    model = make_model("mistral")  # LoRA on the generator: the layers keep whatever projections they hold
+    ids = prompt_cases(model)[1]["input_ids"]
+    with torch.no_grad():
+        want = model.generator(input_ids=ids).logits
+        fuse_residual_norms(model.generator, use_compile=True)  # compiled on CPU too (on CUDA by default)
+        torch._dynamo.utils.counters.clear()
+        got = model.generator(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch._dynamo.utils.counters["graph_break"] and torch._dynamo.utils.counters["stats"]["unique_graphs"]

@@ -53,6 +53,7 @@ from ..fast_generation import (
     generate_compressed_overlapped,
     stack_projections,
 )
+from ..fused_layers import fuse_residual_norms
 from ..modeling_scaledown import ScaleDownForCausalLM, text_prompt
 from ..toy_models import SPECIAL_TOKENS, wrap_tokenizer
 from .evaluate import (
@@ -222,10 +223,17 @@ def set_encoder_attention(model: ScaleDownForCausalLM, implementation: str | Non
         model.compressor.set_attn_implementation(implementation)
 
 
-def stack_compressor_projections(model: ScaleDownForCausalLM) -> str | None:
-    """`stack_projections` on an N-layers compressor, saying what was stacked; None for an encoder compressor, whose
-    layers are not of the Llama family."""
-    return None if model.config.uses_encoder_compressor else stack_projections(model.compressor)
+def change_layers(module: torch.nn.Module, args) -> list[str]:
+    """`--stack_projections` and `--fuse_residual_norms` on a generator or an N-layers compressor, before anything is
+    compiled (the stacked MLPs are blocks to compile); what each did."""
+    said = [f"stacked the {stack_projections(module)}"] if args.stack_projections else []
+    return said + ([f"fused the {fuse_residual_norms(module)}"] if args.fuse_residual_norms else [])
+
+
+def change_compressor_layers(model: ScaleDownForCausalLM, args) -> list[str]:
+    """`change_layers` on an N-layers compressor; nothing for an encoder compressor, whose layers are not of the Llama
+    family."""
+    return [] if model.config.uses_encoder_compressor else change_layers(model.compressor, args)
 
 
 def compressor_layers(name: str) -> int | None:
@@ -816,9 +824,15 @@ def build_parser() -> argparse.ArgumentParser:
         "product (Llama, Mistral, Qwen2 layers: the generator, both sides, and N-layers compressors)",
     )
     parser.add_argument(
+        "--fuse_residual_norms",
+        action="store_true",
+        help="run each residual sum with the norm after it (scaledown.fused_layers.fuse_residual_norms: Llama, "
+        "Mistral, Qwen2 layers of the generator, both sides, and of N-layers compressors; compiled on CUDA)",
+    )
+    parser.add_argument(
         "--fused_decode",
         action="store_true",
-        help="static engine, both sides: each decode step through scaledown.fused_decode (a layer's residual sums "
+        help="static engine, both sides: each decode step through scaledown.fused_layers (a layer's residual sums "
         "fused with its norms, its rotary embedding with its cache writes; compiled on CUDA, in --compile_mode "
         "with --compile) instead of the generator's forward",
     )
@@ -926,6 +940,7 @@ def _settings(
         "compile": args.compile,
         "compile_mode": args.compile_mode if args.compile else None,
         "stack_projections": args.stack_projections,
+        "fuse_residual_norms": args.fuse_residual_norms,
         "fused_decode": args.fused_decode,
         "overlap_batches": args.overlap_batches,
         "decode_attention_kernel": args.decode_attention_kernel,
@@ -1016,6 +1031,7 @@ def run(args: argparse.Namespace) -> dict:
     stem += "_compiled" if args.compile else ""
     stem += "-max-autotune" if args.compile and compile_mode(args) else ""
     stem += "_stacked" if args.stack_projections else ""
+    stem += "_residual-norms" if args.fuse_residual_norms else ""
     stem += "_fused-decode" if args.fused_decode else ""
     stem += f"_encoder-{args.encoder_attn_implementation}" if args.encoder_attn_implementation else ""
     stem += f"_overlap{args.overlap_batches}" if args.overlap_batches > 1 else ""
@@ -1037,8 +1053,8 @@ def run(args: argparse.Namespace) -> dict:
         profile_stem=os.path.join(args.output_dir, f"{stem}_profile") if args.profile else None,
     )
 
-    if args.stack_projections:  # before compiling: the stacked MLPs are the blocks to compile
-        log(f"generator: stacked the {stack_projections(generator)}")
+    for said in change_layers(generator, args):
+        log(f"generator: {said}")
     if args.compile:  # the generator is shared, so both sides run the same compiled blocks
         log(f"generator: compiled {compile_elementwise_work(generator, compile_mode(args))} (warm-up runs compile)")
     # The uncompressed side runs first with only the generator in memory (a checkpoint's compressor waits on the CPU),
@@ -1066,9 +1082,8 @@ def run(args: argparse.Namespace) -> dict:
         else:
             scaledown = model
         set_encoder_attention(scaledown, args.encoder_attn_implementation)
-        stacked = stack_compressor_projections(scaledown) if args.stack_projections else None
-        if stacked is not None:
-            log(f"{name} compressor: stacked the {stacked}")
+        for said in change_compressor_layers(scaledown, args):
+            log(f"{name} compressor: {said}")
         if args.compile:
             log(f"{name} compressor: compiled {compile_compressor(scaledown, compile_mode(args))}")
         side = CompressedSide(

@@ -19,6 +19,8 @@ transformers' up to the kernels' summation order. Eagerly (the CPU tests) it is 
 fuses each sum with its norm, the rotary embedding with the cache writes, the activation with its product.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -113,6 +115,80 @@ def final_logits(
     return F.linear(_rms_norm(residual + delta, norm_weight, eps), *head)[:, -1]
 
 
+def add_rms_norm(
+    residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`residual + delta` `(..., hidden)` and its RMS norm: one pass over the activations once compiled, where
+    transformers' layer code runs the sum and the norm (in the next module, or the next layer) as passes of their own."""
+    total = residual + delta
+    return total, _rms_norm(total, weight, eps)
+
+
+@functools.cache
+def _compiled_add_rms_norm():
+    return torch.compile(add_rms_norm)
+
+
+class ResidualNormDecoderLayer(torch.nn.Module):
+    """A Llama, Mistral or Qwen2 decoder layer (`fuse_residual_norms`) whose residual sums run with the norm after them:
+    the attention's with the post-attention norm, the MLP's with the next layer's input norm, whose result it hands
+    that layer with the sum. The same arithmetic as the layer it replaces, whose children (and so parameter names)
+    it keeps. A layer given another input than the one handed to it (a hook that keeps some rows) norms its own.
+
+    use_compile: run the sum and norm compiled (None: on CUDA only, where the saved pass is the point).
+    """
+
+    def __init__(self, layer: torch.nn.Module, use_compile: bool | None = None):
+        super().__init__()
+        self.self_attn, self.mlp = layer.self_attn, layer.mlp
+        self.input_layernorm, self.post_attention_layernorm = layer.input_layernorm, layer.post_attention_layernorm
+        self.attention_type = getattr(layer, "attention_type", None)  # transformers picks each layer's mask by it
+        self.use_compile = use_compile
+        self.next_layer: list = []  # the next ResidualNormDecoderLayer (in a list: not a child module)
+        self.handed: tuple[torch.Tensor, torch.Tensor] | None = None  # (this layer's input, its input norm)
+
+    def _add_norm(self, residual, delta, norm) -> tuple[torch.Tensor, torch.Tensor]:
+        compiled = self.use_compile if self.use_compile is not None else residual.is_cuda
+        function = _compiled_add_rms_norm() if compiled else add_rms_norm
+        return function(residual, delta, norm.weight, norm.variance_epsilon)
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:  # (batch, length, hidden) both
+        handed, self.handed = self.handed, None
+        if handed is not None and handed[0] is hidden_states:
+            normed = handed[1]
+        else:
+            normed = self.input_layernorm(hidden_states)
+        attended = self.self_attn(hidden_states=normed, **kwargs)[0]  # the same keywords transformers' layer passes
+        residual, normed = self._add_norm(hidden_states, attended, self.post_attention_layernorm)
+        delta = self.mlp(normed)
+        if not self.next_layer:  # the model's final norm follows
+            return residual + delta
+        following = self.next_layer[0]
+        output, following_normed = self._add_norm(residual, delta, following.input_layernorm)
+        following.handed = (output, following_normed)
+        return output
+
+
+def fuse_residual_norms(module: torch.nn.Module, use_compile: bool | None = None) -> str:
+    """Replace, in place, the decoder layers of FUSED_DECODE_LAYERS in `module` (a generator, an N-layers compressor,
+    a ScaleDown model) by `ResidualNormDecoderLayer`s; says how many. For inference: the state dict keeps its names
+    and values. Call it before `compile_elementwise_work`, which compiles the norms and MLPs the layers keep using.
+    A second call replaces nothing more."""
+    replaced = 0
+    for parent in list(module.modules()):
+        layers = getattr(parent, "layers", None)
+        if not isinstance(layers, torch.nn.ModuleList):
+            continue
+        for index, layer in enumerate(layers):
+            if type(layer).__name__ in FUSED_DECODE_LAYERS:
+                layers[index] = ResidualNormDecoderLayer(layer, use_compile)
+                replaced += 1
+        for layer, following in zip(layers[:-1], layers[1:]):
+            if isinstance(layer, ResidualNormDecoderLayer) and isinstance(following, ResidualNormDecoderLayer):
+                layer.next_layer = [following]
+    return f"residual sums of {replaced} decoder layers"
+
+
 def _weights(linear) -> tuple:
     return linear.weight, linear.bias
 
@@ -128,7 +204,7 @@ def unfusable_reason(generator) -> str | None:
         return f"{type(generator).__name__} is not a Llama-family causal LM (embed_tokens, layers, norm, rotary_emb)"
     for index, layer in enumerate(decoder.layers):
         name = type(layer).__name__
-        if name not in FUSED_DECODE_LAYERS:
+        if name not in FUSED_DECODE_LAYERS and not isinstance(layer, ResidualNormDecoderLayer):
             return f"layer {index} is a {name}, not one of {', '.join(FUSED_DECODE_LAYERS)}"
         attention, mlp = layer.self_attn, layer.mlp
         stacked_attention = hasattr(attention, "stacked_qkv_weight")
