@@ -1,4 +1,6 @@
-"""A Llama-family generator's one-token decode step as a few fused blocks, for `StaticGreedyGenerator`.
+"""Fused work of Llama-family layers for serving: the decode step as a few fused blocks (`FusedDecode`, for
+`StaticGreedyGenerator`), and, for every forward, each residual sum run with the norm after it
+(`fuse_residual_norms`).
 
 At a small batch a decode step is a chain of small kernels: in the H100's batch-32 profile of Mistral-7B
 (benchmarks/NOTES.md) each layer ran, besides its seven products and its attention, about fifteen kernels of 1-3 us
@@ -17,6 +19,10 @@ between them:
 Each function does what transformers' modules do, in their order (float32 norms included), so the logits equal
 transformers' up to the kernels' summation order. Eagerly (the CPU tests) it is the same arithmetic; compiled, inductor
 fuses each sum with its norm, the rotary embedding with the cache writes, the activation with its product.
+
+The prefill's element-wise passes are over thousands of positions, where the sum and the norm cost their memory
+traffic rather than their launches: fused, a sum and its norm read two tensors and write two, four passes against the
+five they make apart (`ResidualNormDecoderLayer`).
 """
 
 import functools
@@ -34,6 +40,15 @@ def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     hidden = hidden.to(torch.float32)
     hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps)
     return weight * hidden.to(dtype)
+
+
+def add_rms_norm(
+    residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`residual + delta` `(..., hidden)` and its RMS norm: one pass over the activations once compiled, where
+    transformers' layer code runs the sum and the norm (in the next module or layer) as passes of their own."""
+    total = residual + delta
+    return total, _rms_norm(total, weight, eps)
 
 
 def rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -66,9 +81,10 @@ def attention_input(
     Returns the layer's input (the next residual) and the queries `(batch, kv_heads, heads // kv_heads, head_dim)`.
     """
     batch, head_dim = residual.shape[0], key_cache.shape[-1]
-    if delta is not None:
-        residual = residual + delta
-    normed = _rms_norm(residual, norm_weight, eps)
+    if delta is None:
+        normed = _rms_norm(residual, norm_weight, eps)
+    else:
+        residual, normed = add_rms_norm(residual, delta, norm_weight, eps)
     if len(projections) == 1:
         qkv = F.linear(normed, *projections[0])  # (batch, 1, q + k + v)
         query, key, value = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
@@ -98,9 +114,8 @@ def attention_output(
     or `((gate...), (up...), (down...))`. Returns the next residual and the MLP's output, whose sum is the layer's
     output (left to the next layer, whose norm it fuses with).
     """
-    batch = attended.shape[0]
-    residual = residual + F.linear(attended.reshape(batch, 1, -1), *output_projection)
-    normed = _rms_norm(residual, norm_weight, eps)
+    projected = F.linear(attended.reshape(attended.shape[0], 1, -1), *output_projection)  # (batch, 1, hidden)
+    residual, normed = add_rms_norm(residual, projected, norm_weight, eps)
     if len(mlp_projections) == 2:
         gate, up = F.linear(normed, *mlp_projections[0]).chunk(2, dim=-1)
     else:
@@ -112,16 +127,7 @@ def final_logits(
     residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float, head: tuple
 ) -> torch.Tensor:
     """The last layer's output through the final norm and the LM head: `(batch, vocab)`."""
-    return F.linear(_rms_norm(residual + delta, norm_weight, eps), *head)[:, -1]
-
-
-def add_rms_norm(
-    residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`residual + delta` `(..., hidden)` and its RMS norm: one pass over the activations once compiled, where
-    transformers' layer code runs the sum and the norm (in the next module, or the next layer) as passes of their own."""
-    total = residual + delta
-    return total, _rms_norm(total, weight, eps)
+    return F.linear(add_rms_norm(residual, delta, norm_weight, eps)[1], *head)[:, -1]
 
 
 @functools.cache
