@@ -117,14 +117,20 @@ def test_stacked_projections_under_cuda_graphs(make_model):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("stacked", [False, True])
-def test_fused_decode_under_cuda_graphs(make_model, stacked):
+@pytest.mark.parametrize(
+    "levers", ["fused_decode", "stacked,fused_decode", "residual_norms", "residual_norms,fused_decode"]
+)
+def test_fused_layers_under_cuda_graphs(make_model, levers):
     from scaledown.fast_generation import stack_projections
+    from scaledown.fused_layers import fuse_residual_norms
 
-    plain, fused = (make_model("mistral", lora_r=0).generator.to("cuda") for _ in range(2))  # the same weights
-    if stacked:
+    plain, fused = (make_model("llama", lora_r=0).generator.to("cuda") for _ in range(2))  # the same weights
+    if "stacked" in levers:
         stack_projections(fused)
-    plain_engine, fused_engine = StaticGreedyGenerator(plain), StaticGreedyGenerator(fused, fused_decode=True)
+    if "residual_norms" in levers:
+        fuse_residual_norms(fused)  # compiled on CUDA
+    plain_engine = StaticGreedyGenerator(plain)
+    fused_engine = StaticGreedyGenerator(fused, fused_decode="fused_decode" in levers)
     seeded = torch.Generator().manual_seed(0)
     for batch in (2, 2, 2, 3):  # capture, two replays, then a new shape (torch.compile's dynamic batch)
         mask = torch.ones(batch, 24, dtype=torch.long, device="cuda")
@@ -134,6 +140,7 @@ def test_fused_decode_under_cuda_graphs(make_model, stacked):
         assert torch.equal(got_ids, want_ids)
         torch.testing.assert_close(got_scores, want_scores, atol=1e-4, rtol=1e-4)
     assert isinstance(fused_engine._state.graph, torch.cuda.CUDAGraph)
+    assert isinstance(fused_engine._state.prefill_graph, torch.cuda.CUDAGraph)  # 3 x 24 tokens: a captured prefill
 
 
 def test_overlapped_stream_answers_each_batch_as_alone(make_model):
