@@ -238,7 +238,11 @@ class FusedDecode:
     def __init__(self, generator: torch.nn.Module, use_compile: bool | None = None, mode: str | None = None):
         reason = unfusable_reason(generator)
         if reason is not None:
-            raise ValueError(f"The fused decode step cannot run this generator: {reason}. Leave it off for this model.")
+            raise ValueError(
+                f"The fused decode step cannot run this generator: {reason}. A ScaleDown checkpoint saved with "
+                "`save_pretrained(..., merge_generator=True)` loads with its LoRA merged into plain layers; otherwise "
+                "leave the fused decode step off for this model."
+            )
         self.generator = generator
         self.use_compile = use_compile
         self.mode = mode

@@ -820,3 +820,25 @@ def test_fused_residual_norms_compile_and_carry_lora(make_model):
         got = model.generator(input_ids=ids).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert not torch._dynamo.utils.counters["graph_break"] and torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def test_fused_decode_runs_a_checkpoint_saved_with_its_lora_merged(make_model, tmp_path):
+    from scaledown import ScaleDownForCausalLM
+
+    model = make_model("llama")  # LoRA on the generator: refused until merged
+    with pytest.raises(ValueError, match="merge_generator=True"):
+        StaticGreedyGenerator(model.generator, fused_decode=True)
+    with torch.no_grad():  # trained adapters are not zero: give LoRA's B a value, so that merging changes the weights
+        for name, parameter in model.generator.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.05)
+    batch = model.input_builder(QUESTIONS, DOCUMENTS)
+    engine = StaticGreedyGenerator(model.generator)
+    want = generate_compressed(model, batch, engine, max_new_tokens=6, return_scores=True)
+    model.save_pretrained(tmp_path, merge_generator=True)
+    merged = ScaleDownForCausalLM.from_pretrained(tmp_path).eval()
+    got = generate_compressed(
+        merged, batch, StaticGreedyGenerator(merged.generator, fused_decode=True), max_new_tokens=6, return_scores=True
+    )
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-4)
