@@ -32,7 +32,7 @@ from transformers.cache_utils import StaticLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ._compat import cache_keyword
-from .fused_layers import FusedDecode, rotate
+from .fused_layers import LLAMA_FAMILIES, FusedDecode, rotate
 
 # How a decode step's grouped attention is computed: "sdpa" lets PyTorch pick (cuDNN on an H100), the next three force
 # one SDPA backend, "matmul" is two batched matrix products around a float32 softmax, "flex" is PyTorch's flex
@@ -1113,8 +1113,8 @@ def compile_elementwise_work(module: torch.nn.Module, mode: str | None = None) -
 
 # Layer classes whose projections of one input `stack_projections` runs as one product: these attentions project
 # `hidden_states` by q_proj, k_proj and v_proj, these MLPs compute down_proj(act_fn(gate_proj(x)) * up_proj(x)).
-STACKED_ATTENTIONS = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
-STACKED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")
+STACKED_ATTENTIONS = tuple(f"{family}Attention" for family in LLAMA_FAMILIES)
+STACKED_MLPS = tuple(f"{family}MLP" for family in LLAMA_FAMILIES)
 
 
 def _stackable(*linears) -> bool:

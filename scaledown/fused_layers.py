@@ -30,8 +30,10 @@ import functools
 import torch
 import torch.nn.functional as F
 
-# Decoder layers whose forward is `attention_input`, attention, `attention_output` in the order above.
-FUSED_DECODE_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+# The model families whose layers these levers (and `fast_generation.stack_projections`) know: a decoder layer of
+# input norm, attention (q, k, v, o projections, rotary embedding), post-attention norm and gated MLP, as above.
+LLAMA_FAMILIES = ("Llama", "Mistral", "Qwen2")
+FUSED_LAYERS = tuple(f"{family}DecoderLayer" for family in LLAMA_FAMILIES)
 
 
 def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -130,6 +132,11 @@ def final_logits(
     return F.linear(add_rms_norm(residual, delta, norm_weight, eps)[1], *head)[:, -1]
 
 
+def _compiles(use_compile: bool | None, device: torch.device) -> bool:
+    """Whether a lever runs its functions compiled: as asked, or by default on CUDA, where their fusion is the point."""
+    return use_compile if use_compile is not None else device.type == "cuda"
+
+
 @functools.cache
 def _compiled_add_rms_norm():
     return torch.compile(add_rms_norm)
@@ -154,8 +161,7 @@ class ResidualNormDecoderLayer(torch.nn.Module):
         self.handed: tuple[torch.Tensor, torch.Tensor] | None = None  # (this layer's input, its input norm)
 
     def _add_norm(self, residual, delta, norm) -> tuple[torch.Tensor, torch.Tensor]:
-        compiled = self.use_compile if self.use_compile is not None else residual.is_cuda
-        function = _compiled_add_rms_norm() if compiled else add_rms_norm
+        function = _compiled_add_rms_norm() if _compiles(self.use_compile, residual.device) else add_rms_norm
         return function(residual, delta, norm.weight, norm.variance_epsilon)
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:  # (batch, length, hidden) both
@@ -176,7 +182,7 @@ class ResidualNormDecoderLayer(torch.nn.Module):
 
 
 def fuse_residual_norms(module: torch.nn.Module, use_compile: bool | None = None) -> str:
-    """Replace, in place, the decoder layers of FUSED_DECODE_LAYERS in `module` (a generator, an N-layers compressor,
+    """Replace, in place, the decoder layers of FUSED_LAYERS in `module` (a generator, an N-layers compressor,
     a ScaleDown model) by `ResidualNormDecoderLayer`s; says how many. For inference: the state dict keeps its names
     and values. Call it before `compile_elementwise_work`, which compiles the norms and MLPs the layers keep using.
     A second call replaces nothing more."""
@@ -186,7 +192,7 @@ def fuse_residual_norms(module: torch.nn.Module, use_compile: bool | None = None
         if not isinstance(layers, torch.nn.ModuleList):
             continue
         for index, layer in enumerate(layers):
-            if type(layer).__name__ in FUSED_DECODE_LAYERS:
+            if type(layer).__name__ in FUSED_LAYERS:
                 layers[index] = ResidualNormDecoderLayer(layer, use_compile)
                 replaced += 1
         for layer, following in zip(layers[:-1], layers[1:]):
@@ -210,8 +216,8 @@ def unfusable_reason(generator) -> str | None:
         return f"{type(generator).__name__} is not a Llama-family causal LM (embed_tokens, layers, norm, rotary_emb)"
     for index, layer in enumerate(decoder.layers):
         name = type(layer).__name__
-        if name not in FUSED_DECODE_LAYERS and not isinstance(layer, ResidualNormDecoderLayer):
-            return f"layer {index} is a {name}, not one of {', '.join(FUSED_DECODE_LAYERS)}"
+        if name not in FUSED_LAYERS and not isinstance(layer, ResidualNormDecoderLayer):
+            return f"layer {index} is a {name}, not one of {', '.join(FUSED_LAYERS)}"
         attention, mlp = layer.self_attn, layer.mlp
         stacked_attention = hasattr(attention, "stacked_qkv_weight")
         if not stacked_attention and not _plain_linear(attention.q_proj, attention.k_proj, attention.v_proj):
@@ -249,10 +255,10 @@ class FusedDecode:
         self._compiled = None
 
     def _functions(self, device: torch.device) -> tuple:
-        if not (self.use_compile if self.use_compile is not None else device.type == "cuda"):
-            return attention_input, attention_output, final_logits
+        functions = (attention_input, attention_output, final_logits)
+        if not _compiles(self.use_compile, device):
+            return functions
         if self._compiled is None:
-            functions = (attention_input, attention_output, final_logits)
             self._compiled = tuple(torch.compile(function, mode=self.mode) for function in functions)
         return self._compiled
 
