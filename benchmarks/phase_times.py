@@ -105,9 +105,7 @@ def main() -> None:
               f"{r['decode_ms']:.1f} ({fmt(r['decode_roofline_ms'])}) | {r['decode_ms_per_step']:.2f} | "
               f"{r['rest_ms']:.1f} |")  # fmt: skip
     os.makedirs(args.output_dir, exist_ok=True)
-    stem = f"phase_times_{args.shape}{'_compiled' if args.compile else ''}{'_stacked' if args.stack_projections else ''}"
-    stem += "_residual-norms" if args.fuse_residual_norms else ""
-    stem += "_fused-decode" if args.fused_decode else ""
+    stem = f"phase_times_{args.shape}{'_compiled' if args.compile else ''}{bench.layer_levers_stem(args)}"
     report = {
         "device": bench._device_name(device), "protocol": str(protocol), "compile": args.compile,
         "stack_projections": args.stack_projections,

@@ -230,6 +230,16 @@ def change_layers(module: torch.nn.Module, args) -> list[str]:
     return said + ([f"fused the {fuse_residual_norms(module)}"] if args.fuse_residual_norms else [])
 
 
+def layer_levers_stem(args) -> str:
+    """The file-name part that names the layer levers on (`change_layers` and `--fused_decode`)."""
+    levers = (
+        (args.stack_projections, "_stacked"),
+        (args.fuse_residual_norms, "_residual-norms"),
+        (args.fused_decode, "_fused-decode"),
+    )
+    return "".join(part for on, part in levers if on)
+
+
 def change_compressor_layers(model: ScaleDownForCausalLM, args) -> list[str]:
     """`change_layers` on an N-layers compressor; nothing for an encoder compressor, whose layers are not of the Llama
     family."""
@@ -1030,9 +1040,7 @@ def run(args: argparse.Namespace) -> dict:
     stem = f"bench_{'checkpoint' if args.checkpoint else args.shape}_{'-'.join(compressor_names)}_{args.engine}"
     stem += "_compiled" if args.compile else ""
     stem += "-max-autotune" if args.compile and compile_mode(args) else ""
-    stem += "_stacked" if args.stack_projections else ""
-    stem += "_residual-norms" if args.fuse_residual_norms else ""
-    stem += "_fused-decode" if args.fused_decode else ""
+    stem += layer_levers_stem(args)
     stem += f"_encoder-{args.encoder_attn_implementation}" if args.encoder_attn_implementation else ""
     stem += f"_overlap{args.overlap_batches}" if args.overlap_batches > 1 else ""
     stem += f"_decode-{args.decode_attention_kernel}" if args.decode_attention_kernel != DECODE_ATTENTION_KERNEL else ""
