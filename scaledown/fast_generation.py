@@ -1154,8 +1154,9 @@ class StackedProjection(torch.nn.Module):
         self.handed: tuple[torch.Tensor, torch.Tensor] | None = None  # (the attention's input, this one's output)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.handed is not None and self.handed[0] is hidden:
-            return self.handed[1]
+        handed, self.handed = self.handed, None  # not held past its use: the stacked product is freed with its views
+        if handed is not None and handed[0] is hidden:
+            return handed[1]
         return F.linear(hidden, self.weight, self.bias)
 
 
@@ -1189,7 +1190,12 @@ class StackedGatedMLP(torch.nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (..., hidden) -> (..., hidden)
         gate, up = F.linear(hidden, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)  # (..., intermediate)
-        return self.down_proj(self.act_fn(gate) * up)
+        # In place, and the stacked product dropped before the down product: the gate's and up's two halves are one
+        # buffer, which eagerly would otherwise live beside the activation and the product (a third more memory)
+        activated = self.act_fn(gate)
+        activated *= up
+        del gate, up
+        return self.down_proj(activated)
 
 
 def stack_projections(module: torch.nn.Module) -> str:

@@ -170,9 +170,13 @@ class ResidualNormDecoderLayer(torch.nn.Module):
             normed = handed[1]
         else:
             normed = self.input_layernorm(hidden_states)
+        del handed  # each activation is dropped once used, as transformers' layer drops it by reassignment
         attended = self.self_attn(hidden_states=normed, **kwargs)[0]  # the same keywords transformers' layer passes
+        del normed
         residual, normed = self._add_norm(hidden_states, attended, self.post_attention_layernorm)
+        del attended
         delta = self.mlp(normed)
+        del normed
         if not self.next_layer:  # the model's final norm follows
             return residual + delta
         following = self.next_layer[0]

@@ -605,3 +605,14 @@ def test_decode_levers_times_each_configuration(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", argv[:-2] + ["--levers", "plain,unrolled"])
     with pytest.raises(SystemExit, match="Unknown levers"):
         script.main()
+
+
+def test_prefill_memory_runs_each_case(tmp_path, monkeypatch):
+    script = _benchmark_script("prefill_memory")
+    argv = ["prefill_memory.py", "--shape", "tiny", "--device", "cpu", "--cases", "2x12,1x9", "--new_tokens", "3",
+            "--stack_projections", "--fuse_residual_norms", "--output_dir", str(tmp_path)]  # fmt: skip
+    monkeypatch.setattr("sys.argv", argv)
+    script.main()
+    report = json.loads((tmp_path / "prefill_memory_stacked+residual-norms.json").read_text())
+    assert [(row["batch"], row["prompt_len"]) for row in report["rows"]] == [(2, 12), (1, 9)]
+    assert all(row["levers"] == "stacked+residual-norms" and row["peak_gb"] is None for row in report["rows"])  # CPU

@@ -842,3 +842,54 @@ def test_fused_decode_runs_a_checkpoint_saved_with_its_lora_merged(make_model, t
     )
     assert torch.equal(got[0], want[0])
     torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-4)
+
+
+class LiveActivations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the bytes of the tensors that operators return while any view of them is alive; keeps the peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.views, self.sizes, self.live, self.peak = {}, {}, 0, 0
+
+    def _drop(self, key):
+        self.views[key] -= 1
+        if not self.views[key]:
+            self.live -= self.sizes.pop(key)
+            del self.views[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        out = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                key = tensor.untyped_storage().data_ptr()
+                if key not in self.views:
+                    self.views[key], self.sizes[key] = 0, tensor.untyped_storage().nbytes()
+                    self.live += self.sizes[key]
+                self.views[key] += 1
+                weakref.finalize(tensor, self._drop, key)
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+@pytest.mark.parametrize("levers", ["stacked", "residual_norms", "stacked,residual_norms"])
+def test_layer_levers_hold_no_more_activations_than_the_layers_they_replace(make_model, levers):
+    import copy
+
+    from scaledown.fast_generation import stack_projections
+    from scaledown.fused_layers import fuse_residual_norms
+
+    plain = make_model("mistral", lora_r=0).generator.float()
+    levered = copy.deepcopy(plain)
+    if "stacked" in levers:
+        stack_projections(levered)
+    if "residual_norms" in levers:
+        fuse_residual_norms(levered)
+    ids = torch.randint(3, plain.config.vocab_size, (2, 96))
+    peaks = []
+    for generator in (plain, levered):
+        with torch.no_grad(), LiveActivations() as live:
+            generator.model(input_ids=ids, use_cache=False)  # the prefill's layers, as an N-layers compressor runs them
+        peaks.append(live.peak)
+    assert peaks[1] <= peaks[0], f"{levers}: peak {peaks[1]} bytes against the plain layers' {peaks[0]}"
