@@ -1169,12 +1169,6 @@ def _project_once(attention, args, kwargs):
         projection.handed = (hidden, output)
 
 
-def _forget_projections(attention, args, kwargs, output):
-    """Forward hook of a stacked attention: the product is not kept past the attention's call."""
-    for projection in (attention.q_proj, attention.k_proj, attention.v_proj):
-        projection.handed = None
-
-
 class StackedGatedMLP(torch.nn.Module):
     """A Llama-family gated MLP, down_proj(act_fn(gate_proj(x)) * up_proj(x)), whose gate and up products run as one
     against their stacked weights. Its children and their parameters keep the replaced MLP's names."""
@@ -1226,7 +1220,6 @@ def stack_projections(module: torch.nn.Module) -> str:
                 for projection in ("q_proj", "k_proj", "v_proj"):
                     setattr(child, projection, StackedProjection(getattr(child, projection)))
                 child.register_forward_pre_hook(_project_once, with_kwargs=True)
-                child.register_forward_hook(_forget_projections, with_kwargs=True)
                 attentions += 1
     return f"query, key and value products of {attentions} attentions, gate and up products of {mlps} MLPs"
 
